@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo simulate test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first, so the train extra does not pull a CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[train,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sortedrl train
+
+simulate: $(STAMP)
+	$(BIN)/sortedrl simulate
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check sortedrl tests benchmarks
+	$(BIN)/ruff format --check sortedrl tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_controller.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

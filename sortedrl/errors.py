@@ -1,0 +1,19 @@
+"""User-facing errors: the CLI prints these as one clear message, never a traceback."""
+
+
+class SortedRLError(Exception):
+    """A problem with the user's input (config, file, arguments) or environment."""
+
+
+class ConfigError(SortedRLError):
+    """An invalid setting; the message names the field."""
+
+
+class InputFileError(SortedRLError):
+    """A bad input file; the message names the file, the line when there is one, and the field."""
+
+    def __init__(self, path: str, message: str, line: int | None = None, field: str | None = None):
+        where = f"{path}:{line}" if line is not None else str(path)
+        what = f" field '{field}':" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+        self.path, self.line, self.field = path, line, field
