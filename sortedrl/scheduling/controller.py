@@ -1,0 +1,366 @@
+"""The stateful controller: owns every prompt and response, decides admission, updates, what
+each update trains, and what happens to stale work.
+
+The algorithm, as DESIGN.md section 2 reads SortedRL:
+
+1. Admit prompts as the policy says (sorted: a round of `rollout_batch` prompts), each as a
+   group of `group_size` responses; submit them to the engine as its slots free, resumed
+   partials and protected groups first.
+2. Record finished responses in the rollout buffer. Responses finish roughly in length order,
+   so groups complete short first.
+3. Once `update_batch` groups are complete (and no protected group is still generating), the
+   update trains the `update_batch` complete groups that completed first: shortest first, a
+   micro-curriculum within each round.
+4. After the update every piece of work still held is checked against the staleness limit
+   (`drop`: 0, `keep`: `max_staleness`): work that could no longer be trained within the limit
+   is discarded (its tokens counted as wasted) and regenerated from scratch, the rest resumes.
+   A prompt whose work was discarded more than `max_regenerations` times becomes protected:
+   updates wait for its group to complete, so it is trained on-policy and cannot starve.
+
+Every admitted prompt ends trained or dropped with a counted reason (see `Ledger`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, Sequence
+
+from sortedrl.scheduling.buffer import RolloutBuffer
+from sortedrl.scheduling.config import SchedulerConfig
+from sortedrl.scheduling.metrics import Ledger
+from sortedrl.scheduling.policies import Policy, make_policy
+from sortedrl.scheduling.protocol import (
+    Generation,
+    Partial,
+    Request,
+    TrainGroup,
+    TrainSample,
+    UpdateBatch,
+)
+from sortedrl.scheduling.state import Group, GroupState, PromptSpec, Seq, SeqState
+
+# Queue priority classes: lower goes first.
+_PROTECTED, _RESUME, _ADMITTED = 0, 1, 2
+
+
+class Controller:
+    def __init__(self, config: SchedulerConfig, prompts: Iterable[PromptSpec]) -> None:
+        self.config = config
+        self.policy: Policy = make_policy(config)
+        self.buffer = RolloutBuffer()
+        self.ledger = Ledger()
+        self._prompts: Iterator[PromptSpec] = iter(prompts)
+        self._next_spec: PromptSpec | None = next(self._prompts, None)
+        self._version = 0
+        self._groups: dict[int, Group] = {}  # open groups by admission order
+        # Heap of (priority, ticket, seq); an entry is live only while seq.ticket == ticket.
+        self._queue: list[tuple[int, int, Seq]] = []
+        self._tickets = 0
+        self._n_queued = 0
+        self._n_protected = 0  # open protected groups
+        self._running: dict[str, Seq] = {}  # request_id -> seq
+        self._next_request = 0
+        self._admitted = 0
+        self._dropped_groups = 0
+        self._in_update: list[Group] | None = None
+
+    # --- what policies look at ----------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def open_groups(self) -> int:
+        return len(self._groups)
+
+    @property
+    def live_admitted(self) -> int:
+        return self._admitted - self._dropped_groups
+
+    @property
+    def colocated(self) -> bool:
+        return self.policy.colocated
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def num_queued(self) -> int:
+        return self._n_queued
+
+    @property
+    def exhausted(self) -> bool:
+        return self._next_spec is None
+
+    # --- admission and submission -------------------------------------------------------------
+    def requests_to_submit(self, free_slots: int) -> list[Request]:
+        """Admit prompts as the policy allows, then hand out up to `free_slots` requests."""
+        if self._in_update is None:
+            spare = free_slots - self._n_queued
+            self._admit(self.policy.prompts_to_admit(self, spare))
+        out: list[Request] = []
+        while self._queue and len(out) < free_slots:
+            _, ticket, seq = heapq.heappop(self._queue)
+            if seq.ticket == ticket and seq.state is SeqState.QUEUED:
+                self._n_queued -= 1
+                out.append(self._make_request(seq))
+        return out
+
+    def _admit(self, n: int) -> None:
+        cfg = self.config
+        for _ in range(n):
+            spec = self._next_spec
+            if spec is None:
+                return
+            self._next_spec = next(self._prompts, None)
+            group = Group(spec, self._admitted, self._admitted // cfg.effective_rollout_batch)
+            group.seqs = [Seq(group, i) for i in range(cfg.group_size)]
+            self._groups[group.order] = group
+            self._admitted += 1
+            self.ledger.prompts_admitted += 1
+            for seq in group.seqs:
+                self._enqueue(seq, _ADMITTED)
+
+    def _enqueue(self, seq: Seq, priority: int) -> None:
+        if seq.group.protected:
+            priority = _PROTECTED
+        if seq.state is not SeqState.QUEUED:
+            self._n_queued += 1
+        seq.state = SeqState.QUEUED
+        seq.ticket = self._tickets  # any older entry of this seq is now dead
+        heapq.heappush(self._queue, (priority, self._tickets, seq))
+        self._tickets += 1
+
+    def _make_request(self, seq: Seq) -> Request:
+        rid = f"r{self._next_request}"
+        self._next_request += 1
+        seq.state = SeqState.GENERATING
+        seq.request_id = rid
+        seq.submitted_prefix = seq.n_tokens
+        seq.first_version = seq.oldest_version if seq.n_tokens else self._version
+        self._running[rid] = seq
+        spec = seq.group.spec
+        return Request(
+            request_id=rid,
+            prompt_id=spec.prompt_id,
+            sample_index=seq.index,
+            attempt=seq.attempt,
+            prompt_len=spec.prompt_len,
+            max_new_tokens=self.config.max_new_tokens,
+            prompt_token_ids=spec.prompt_token_ids,
+            resume=seq.content if seq.n_tokens else None,
+        )
+
+    # --- engine results -----------------------------------------------------------------------
+    def on_generations(
+        self, generations: Sequence[Generation], rewards: Sequence[float] | None = None
+    ) -> None:
+        """Finished responses from an engine step (rewards already scored, if any)."""
+        for i, gen in enumerate(generations):
+            seq = self._take_running(gen)
+            if gen.finish_reason == "abort":
+                # An engine may give up on a request on its own (e.g. it was restarted);
+                # the partial resumes like one from a pause.
+                self._hold_partial(seq, gen)
+                self._enqueue(seq, _RESUME)
+                continue
+            seq.content = gen.as_partial()
+            seq.finish_reason = gen.finish_reason
+            seq.reward = rewards[i] if rewards is not None else 0.0
+            if self.buffer.add_finished(seq):
+                self._on_group_complete(seq.group)
+
+    def _take_running(self, gen: Generation) -> Seq:
+        seq = self._running.pop(gen.request_id, None)
+        if seq is None:
+            raise RuntimeError(f"engine returned unknown or duplicate request {gen.request_id!r}")
+        self.ledger.tokens_generated += gen.n_tokens - seq.submitted_prefix
+        return seq
+
+    def _hold_partial(self, seq: Seq, gen: Generation) -> None:
+        seq.content = gen.as_partial() if gen.n_tokens else None
+
+    def _on_group_complete(self, group: Group) -> None:
+        if self.config.filter_equal_rewards and len(group.seqs) > 1:
+            first = group.seqs[0].reward
+            if all(s.reward == first for s in group.seqs):
+                self._drop_group(group, "equal_rewards")
+
+    def _drop_group(self, group: Group, reason: str) -> None:
+        for seq in group.seqs:
+            if seq.state is SeqState.GENERATING:
+                raise RuntimeError("cannot drop a group while the engine still runs it")
+            if seq.n_tokens:
+                self.ledger.tokens_wasted[reason] += seq.n_tokens
+            if seq.state is SeqState.QUEUED:
+                self._n_queued -= 1
+            seq.state = SeqState.DONE  # its queue entries, if any, are dead now
+        if group.state is GroupState.COMPLETE:
+            self.buffer.pop_groups([group])
+        self._close(group, GroupState.DROPPED)
+        self._dropped_groups += 1
+        self.ledger.prompts_dropped[reason] += 1
+
+    def _close(self, group: Group, state: GroupState) -> None:
+        group.state = state
+        del self._groups[group.order]
+        if group.protected:
+            self._n_protected -= 1
+
+    # --- updates ------------------------------------------------------------------------------
+    def update_due(self, trainer_busy: bool = False) -> bool:
+        """True when an update should start now."""
+        if trainer_busy or self._in_update is not None:
+            return False
+        complete = self.buffer.num_complete()
+        if complete == 0:
+            return False
+        # A protected group is still generating: the update waits for it (no starvation).
+        if self._n_protected and any(
+            g.protected and g.state is GroupState.ACTIVE for g in self._groups.values()
+        ):
+            return False
+        if complete >= self.config.update_batch:
+            return True
+        # End of data: train what is left rather than lose it.
+        return self.exhausted and complete == len(self._groups)
+
+    def take_update_batch(self) -> UpdateBatch:
+        """The groups the next update trains: protected groups first, then in completion order
+        (short first). The engine must have been paused first when the policy is colocated."""
+        assert self._in_update is None, "an update is already in progress"
+        candidates = self.buffer.complete_groups()
+        candidates.sort(key=lambda g: (not g.protected, _oldest(g), g.completed_seq))
+        chosen = candidates[: self.config.update_batch]
+        self.buffer.pop_groups(chosen)
+        self._in_update = chosen
+        return UpdateBatch(self._version, [self._train_group(g) for g in chosen])
+
+    @staticmethod
+    def _train_group(group: Group) -> TrainGroup:
+        samples = []
+        for s in group.seqs:
+            c = s.content
+            assert c is not None and s.finish_reason is not None
+            samples.append(
+                TrainSample(
+                    s.index,
+                    c.n_tokens,
+                    s.finish_reason,
+                    list(c.version_spans),
+                    s.reward,
+                    c.token_ids,
+                    c.logprobs,
+                )
+            )
+        spec = group.spec
+        return TrainGroup(spec.prompt_id, spec.prompt_len, samples, spec.prompt_token_ids)
+
+    def on_paused(self, partials: Sequence[Generation]) -> None:
+        """The engine was paused (colocated update): running responses become cached partials."""
+        for gen in partials:
+            seq = self._take_running(gen)
+            self._hold_partial(seq, gen)
+            self.buffer.cache(seq)
+
+    def on_update_done(self, skipped: bool = False) -> list[str]:
+        """The update finished: account for it, move to the next version (unless skipped),
+        and apply the staleness limit. Returns request ids the engine must abort (async:
+        responses still running whose oldest token became too stale)."""
+        assert self._in_update is not None, "no update in progress"
+        batch, self._in_update = self._in_update, None
+        ledger = self.ledger
+        for group in batch:
+            for seq in group.seqs:
+                assert seq.content is not None
+                ledger.tokens_trained += seq.n_tokens
+                ledger.samples_trained += 1
+                ledger.add_trained_spans(self._version, seq.content.version_spans)
+                seq.state = SeqState.DONE
+            self._close(group, GroupState.TRAINED)
+            ledger.prompts_trained += 1
+        if not skipped:
+            self._version += 1
+        # Cached partials resume first; everything held is then checked against the limit.
+        for seq in self.buffer.take_cached():
+            self._enqueue(seq, _RESUME)
+        return self._enforce_staleness()
+
+    def _too_stale(self, seq: Seq) -> bool:
+        limit = self.config.staleness_limit
+        oldest = seq.oldest_version
+        return limit is not None and oldest is not None and self._version - oldest > limit
+
+    def _enforce_staleness(self) -> list[str]:
+        to_abort: list[str] = []
+        if self.config.staleness_limit is None:
+            return to_abort
+        for group in list(self._groups.values()):
+            hit = False
+            for seq in group.seqs:
+                if not self._too_stale(seq):
+                    continue
+                if seq.state is SeqState.GENERATING:
+                    assert seq.request_id is not None
+                    to_abort.append(seq.request_id)  # discarded when the abort comes back
+                    continue
+                hit = True
+                reason = "stale_finished" if seq.state is SeqState.FINISHED else "stale_partial"
+                if seq.state is SeqState.FINISHED:
+                    self.buffer.remove_finished(seq)
+                self._discard(seq, reason)
+            if hit:
+                self._count_regeneration(group)
+        return to_abort
+
+    def on_aborted(self, generations: Sequence[Generation]) -> None:
+        """Responses aborted after `on_update_done` asked for it: discard and regenerate."""
+        groups: dict[int, Group] = {}
+        for gen in generations:
+            seq = self._take_running(gen)
+            self._hold_partial(seq, gen)
+            self._discard(seq, "stale_partial")
+            groups[seq.group.order] = seq.group
+        for group in groups.values():
+            self._count_regeneration(group)
+
+    def _discard(self, seq: Seq, reason: str) -> None:
+        self.ledger.tokens_wasted[reason] += seq.n_tokens
+        self.ledger.regenerations += 1
+        seq.content = None
+        seq.finish_reason = None
+        seq.attempt += 1
+        seq.reward = 0.0
+        self._enqueue(seq, _ADMITTED)
+
+    def _count_regeneration(self, group: Group) -> None:
+        group.regenerations += 1
+        if group.regenerations > self.config.max_regenerations and not group.protected:
+            group.protected = True
+            self._n_protected += 1
+            for seq in group.seqs:
+                if seq.state is SeqState.QUEUED:
+                    self._enqueue(seq, _PROTECTED)  # re-push at the front; old entry dies
+
+    # --- the end ------------------------------------------------------------------------------
+    def done(self) -> bool:
+        """All data admitted and every admitted prompt trained or dropped."""
+        return self.exhausted and not self._groups and self._in_update is None
+
+    def in_flight(self) -> tuple[int, int]:
+        """(open prompts, tokens held in open groups): what a run stopped early leaves."""
+        tokens = sum(s.n_tokens for g in self._groups.values() for s in g.seqs)
+        return len(self._groups), tokens
+
+    def stop(self, aborted: Sequence[Generation]) -> None:
+        """A run stopped early: take back what the engine was running (counted in flight)."""
+        for gen in aborted:
+            seq = self._take_running(gen)
+            self._hold_partial(seq, gen)
+            seq.state = SeqState.CACHED
+        self._queue.clear()
+        self._n_queued = 0
+
+
+def _oldest(group: Group) -> int:
+    """Version of a complete group's oldest token: the closest to the staleness limit."""
+    return min(s.content.version_spans[0][0] for s in group.seqs if s.content and s.n_tokens)

@@ -1,0 +1,213 @@
+"""The run loop: drives an engine and a trainer through the controller.
+
+Colocated policies (sync, sorted, partial) take turns: generate until an update is due, pause
+the engine, update, load the new weights, resume. `async` keeps generating while the trainer
+works on its own devices; the new weights are loaded into the running engine when the update
+ends. Time is the sum of what the engine and trainer report (virtual for the simulated ones).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sortedrl.scheduling.controller import Controller
+from sortedrl.scheduling.metrics import Clock, UpdateRecord, summarize
+from sortedrl.scheduling.protocol import (
+    Engine,
+    Generation,
+    Trainer,
+    UpdateBatch,
+    UpdateResult,
+)
+
+# Scores finished generations; returns (rewards, seconds it took).
+Scorer = Callable[[Sequence[Generation]], tuple[list[float], float]]
+# Called after every update with the record just made.
+UpdateHook = Callable[[UpdateRecord, UpdateBatch, UpdateResult], None]
+
+
+@dataclass
+class RunResult:
+    controller: Controller
+    clock: Clock
+    summary: dict[str, Any]
+
+
+class _PendingUpdate:
+    """An update running beside the engine (async): virtual, or a real one in a thread."""
+
+    def __init__(self, trainer: Trainer, batch: UpdateBatch, start_t: float) -> None:
+        self.batch = batch
+        self.start_t = start_t
+        self.result: UpdateResult | None = None
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if trainer.virtual_time:
+            self.result = trainer.update(batch)
+        else:
+            self._thread = threading.Thread(target=self._run, args=(trainer,), daemon=True)
+            self._thread.start()
+
+    def _run(self, trainer: Trainer) -> None:
+        try:
+            self.result = trainer.update(self.batch)
+        except BaseException as e:  # re-raised in the loop's thread
+            self.error = e
+
+    def ready_at(self) -> float | None:
+        """Run time at which it is done, if known."""
+        if self._thread is not None:
+            if self._thread.is_alive():
+                return None
+            if self.error is not None:
+                raise self.error
+        assert self.result is not None
+        return self.start_t + self.result.elapsed_s
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+def run(
+    controller: Controller,
+    engine: Engine,
+    trainer: Trainer,
+    *,
+    scorer: Scorer | None = None,
+    on_update: UpdateHook | None = None,
+    max_updates: int | None = None,
+) -> RunResult:
+    """Run until the controller has trained or dropped every prompt (or `max_updates`)."""
+    clock = Clock(engine.capacity)
+    loop = _Loop(controller, engine, trainer, clock, scorer, on_update)
+    if controller.colocated:
+        loop.run_colocated(max_updates)
+    else:
+        loop.run_async(max_updates)
+    stopped = engine.pause() if engine.num_unfinished() else []
+    if stopped:
+        controller.stop(stopped)
+    in_prompts, in_tokens = controller.in_flight()
+    return RunResult(controller, clock, summarize(controller.ledger, clock, in_prompts, in_tokens))
+
+
+class _Loop:
+    def __init__(
+        self,
+        controller: Controller,
+        engine: Engine,
+        trainer: Trainer,
+        clock: Clock,
+        scorer: Scorer | None,
+        on_update: UpdateHook | None,
+    ) -> None:
+        self.ctl, self.engine, self.trainer, self.clock = controller, engine, trainer, clock
+        self.scorer, self.on_update = scorer, on_update
+
+    def _submit(self) -> None:
+        free = self.engine.capacity - self.engine.num_unfinished()
+        requests = self.ctl.requests_to_submit(max(0, free))
+        if requests:
+            self.engine.submit(requests)
+
+    def _generate(self, advance: bool = True) -> float:
+        """One engine step; returns its elapsed time."""
+        report = self.engine.step()
+        self.clock.add_generation(report.elapsed_s, report.busy_slot_s, advance)
+        rewards = None
+        if self.scorer is not None and report.finished:
+            rewards, seconds = self.scorer(report.finished)
+            self.clock.add("reward", seconds)
+        self.ctl.on_generations(report.finished, rewards)
+        return report.elapsed_s
+
+    def _stuck(self) -> RuntimeError:
+        return RuntimeError(
+            "scheduler stalled: nothing running, nothing queued and no update due "
+            f"(open groups {self.ctl.open_groups}, version {self.ctl.version})"
+        )
+
+    def _finish_update(self, batch: UpdateBatch, result: UpdateResult) -> None:
+        ctl, clock = self.ctl, self.clock
+        to_abort = ctl.on_update_done(skipped=result.skipped)
+        if to_abort:
+            ctl.on_aborted(self.engine.abort(to_abort))
+        if not result.skipped:
+            clock.add("weight_sync", self.engine.load_weights(result.weights, ctl.version))
+        record = _record(len(ctl.ledger.updates) + 1, batch, result, clock)
+        ctl.ledger.updates.append(record)
+        if self.on_update is not None:
+            self.on_update(record, batch, result)
+
+    def run_colocated(self, max_updates: int | None) -> None:
+        ctl, engine, clock = self.ctl, self.engine, self.clock
+        while not ctl.done():
+            if max_updates is not None and len(ctl.ledger.updates) >= max_updates:
+                return
+            if ctl.update_due():
+                if engine.num_unfinished():
+                    ctl.on_paused(engine.pause())
+                batch = ctl.take_update_batch()
+                result = self.trainer.update(batch)
+                clock.add("update", result.elapsed_s)
+                self._finish_update(batch, result)
+                continue
+            self._submit()
+            if engine.num_unfinished() == 0:
+                raise self._stuck()
+            self._generate()
+
+    def run_async(self, max_updates: int | None) -> None:
+        ctl, engine, clock = self.ctl, self.engine, self.clock
+        pending: _PendingUpdate | None = None
+        while not (ctl.done() and pending is None):
+            if pending is not None:
+                ready = pending.ready_at()
+                if ready is not None and ready <= clock.t + 1e-12:
+                    self._finish_update(pending.batch, pending.result)  # type: ignore[arg-type]
+                    pending = None
+                    continue
+            if max_updates is not None and len(ctl.ledger.updates) >= max_updates:
+                if pending is not None:
+                    pending.wait()
+                    continue
+                return
+            if pending is None and ctl.update_due():
+                pending = _PendingUpdate(self.trainer, ctl.take_update_batch(), clock.t)
+                continue
+            self._submit()
+            if engine.num_unfinished():
+                self._generate()
+                continue
+            # Nothing to generate: wait for the trainer.
+            if pending is None:
+                raise self._stuck()
+            pending.wait()
+            ready = pending.ready_at()
+            assert ready is not None
+            clock.add("idle", max(0.0, ready - clock.t))
+
+
+def _record(step: int, batch: UpdateBatch, result: UpdateResult, clock: Clock) -> UpdateRecord:
+    samples = [s for g in batch.groups for s in g.samples]
+    tokens = sum(s.n_tokens for s in samples)
+    stale_n = [(batch.version - v, n) for s in samples for v, n in s.version_spans]
+    return UpdateRecord(
+        step=step,
+        policy_version=batch.version,
+        groups=len(batch.groups),
+        samples=len(samples),
+        tokens=tokens,
+        mean_response_len=tokens / len(samples) if samples else 0.0,
+        max_staleness=max((st for st, n in stale_n if n), default=0),
+        mean_staleness=sum(st * n for st, n in stale_n) / tokens if tokens else 0.0,
+        time_s=clock.t,
+        bubble_ratio=clock.interval_bubble(),
+        reward_mean=sum(s.reward for s in samples) / len(samples) if samples else 0.0,
+        skipped=result.skipped,
+        stats=dict(result.stats),
+    )

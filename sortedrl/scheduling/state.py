@@ -1,0 +1,94 @@
+"""The records the controller owns: one per prompt (a group) and one per response slot.
+
+Response state machine (a slot keeps its record across regenerations):
+
+    QUEUED ──submit──> GENERATING ──finished──> FINISHED ──group trained──> (group TRAINED)
+      ▲                   │  pause                 │
+      │                   ▼                        │ too stale after an update
+      └──resume──────── CACHED ───too stale────────┴──> discarded: tokens wasted, QUEUED again
+                                                                 as a fresh attempt
+
+Group state machine: ACTIVE (some response not finished) <-> COMPLETE (all `group_size`
+finished) -> TRAINED, or DROPPED with a counted reason from any non-terminal state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from sortedrl.scheduling.protocol import FinishReason, Partial
+
+
+class SeqState(str, Enum):
+    QUEUED = "queued"  # waiting in the controller to be submitted (fresh, or to resume)
+    GENERATING = "generating"  # submitted to the engine
+    CACHED = "cached"  # a partial response held while the engine is paused
+    FINISHED = "finished"  # a complete response waiting for the rest of its group
+    DONE = "done"  # its group was trained or dropped
+
+
+class GroupState(str, Enum):
+    ACTIVE = "active"
+    COMPLETE = "complete"
+    TRAINED = "trained"
+    DROPPED = "dropped"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt the controller may admit."""
+
+    prompt_id: str
+    prompt_len: int
+    prompt_token_ids: list[int] | None = None
+
+
+@dataclass(eq=False)
+class Seq:
+    group: Group
+    index: int
+    attempt: int = 0
+    state: SeqState = SeqState.QUEUED
+    content: Partial | None = None  # tokens generated so far (partial or finished)
+    finish_reason: FinishReason | None = None
+    request_id: str | None = None
+    submitted_prefix: int = 0  # tokens already in `content` when it was last submitted
+    first_version: int | None = None  # version of its oldest token, known from submission on
+    reward: float = 0.0
+    ticket: int = -1  # identifies its live entry in the controller's queue (lazy deletion)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.content.n_tokens if self.content else 0
+
+    @property
+    def oldest_version(self) -> int | None:
+        if self.content is not None and self.content.n_tokens:
+            return self.content.version_spans[0][0]
+        # A running response with nothing returned yet: its first token's version.
+        return self.first_version if self.state is SeqState.GENERATING else None
+
+
+@dataclass(eq=False)
+class Group:
+    spec: PromptSpec
+    order: int  # admission order, 0-based
+    round: int  # which rollout batch admitted it
+    seqs: list[Seq] = field(default_factory=list)
+    state: GroupState = GroupState.ACTIVE
+    n_finished: int = 0
+    regenerations: int = 0  # updates at which some of its work was discarded
+    protected: bool = False  # past `max_regenerations`: updates wait for it (no starvation)
+    completed_seq: int = -1  # completion order among all groups, for short-first batches
+
+    @property
+    def prompt_id(self) -> str:
+        return self.spec.prompt_id
+
+    @property
+    def open(self) -> bool:
+        return self.state in (GroupState.ACTIVE, GroupState.COMPLETE)
+
+    def mean_response_len(self) -> float:
+        return sum(s.n_tokens for s in self.seqs) / max(1, len(self.seqs))

@@ -1,0 +1,417 @@
+"""The reward sandbox: scoring untrusted model output under time and size limits.
+
+:class:`RewardRunner` scores a batch of ``(problem, response)`` pairs with a task's ``score``
+method or any ``fn(problem, response) -> float | Score``:
+
+* ``workers >= 1``: in that many worker processes (``spawn`` start method by default). Each
+  call has a hard wall-clock limit ``timeout_s``; a call that overruns is answered with
+  ``Score(0, False, False, error="timeout")``, its worker is killed (SIGKILL) and replaced, and
+  the rest of the batch goes on in the other workers, so one slow answer holds up the batch
+  by at most its own limit.
+* ``workers == 0``: in the calling process (tests, trivially cheap tasks). Size limits and
+  exception handling still apply; there is no time limit.
+
+Responses longer than ``max_response_chars`` are scored 0 with error ``too_long`` without ever
+reaching the scorer. A scorer that raises gives reward 0 with error ``"exception: <Type>:
+<message>"``. Error kinds are counted in ``runner.errors`` (a Counter over ``timeout``,
+``too_long``, ``exception``, ``worker_died``, ``bad_return``, ``bad_input``).
+
+A task object may define ``warmup()``: each worker calls it once before taking work (e.g. to
+import math-verify), so import time is never charged to a call's time limit.
+
+User reward functions: :func:`load_reward_fn` resolves ``"package.module:function"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import multiprocessing as mp
+import os
+import pickle
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from sortedrl.errors import ConfigError, SortedRLError
+from sortedrl.tasks.base import Problem, Score
+
+ERROR_KINDS = ("timeout", "too_long", "exception", "worker_died", "bad_return", "bad_input")
+
+_MAX_ERROR_CHARS = 300
+_START_TIMEOUT_S = 120.0  # a worker that is not ready by then counts as failed to start
+_MAX_START_FAILURES = 3  # consecutive start failures before the runner gives up
+
+
+class RewardWorkerError(SortedRLError):
+    """Reward worker processes cannot be started (e.g. the scorer cannot be imported there)."""
+
+
+# ---------------------------------------------------------------------------- scoring one item
+
+
+def _to_score(value: Any) -> Score:
+    """A scorer's return value as a Score; bad values become a `bad_return` error."""
+    if isinstance(value, Score):
+        r = value.reward
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+            return Score(0.0, False, False, error=f"bad_return: reward {r!r:.50}")
+        return Score(float(r), bool(value.correct), bool(value.format_ok), value.error)
+    if isinstance(value, (bool, int, float)):
+        r = float(value)
+        if not math.isfinite(r):
+            return Score(0.0, False, False, error=f"bad_return: reward {r!r}")
+        return Score(r, r > 0, True)
+    return Score(0.0, False, False, error=f"bad_return: {type(value).__name__} is not a float or Score")
+
+
+def _call_scorer(scorer: Any, problem: Problem, response: str) -> Score:
+    try:
+        fn = scorer.score if hasattr(scorer, "score") else scorer
+        return _to_score(fn(problem, response))
+    except BaseException as e:  # noqa: BLE001 - untrusted scorers may raise anything
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        try:
+            msg = f"exception: {type(e).__name__}: {e}"
+        except BaseException:  # noqa: BLE001 - a hostile __str__
+            msg = f"exception: {type(e).__name__}"
+        return Score(0.0, False, False, error=msg[:_MAX_ERROR_CHARS])
+
+
+def error_kind(error: str | None) -> str | None:
+    """The kind of an error string (the part before the first colon)."""
+    return None if error is None else error.split(":", 1)[0]
+
+
+# ---------------------------------------------------------------------------- worker process
+
+
+def _watch_parent(ppid: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != ppid:
+            os._exit(1)
+
+
+def _worker_main(conn: Connection, scorer_bytes: bytes, ppid: int, memory_mb: int | None) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True).start()
+    if memory_mb:
+        try:
+            import resource
+
+            limit = memory_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        except (ImportError, ValueError, OSError):
+            pass
+    scorer = pickle.loads(scorer_bytes)
+    warm = getattr(scorer, "warmup", None)
+    if callable(warm):
+        try:
+            warm()
+        except Exception:  # noqa: BLE001 - scoring will report it
+            pass
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        idx, problem, response = msg
+        conn.send((idx, _call_scorer(scorer, problem, response)))
+
+
+class _Worker:
+    def __init__(self, ctx: Any, scorer_bytes: bytes, memory_mb: int | None):
+        parent, child = ctx.Pipe(duplex=True)
+        self.conn: Connection = parent
+        self.proc = ctx.Process(
+            target=_worker_main,
+            args=(child, scorer_bytes, os.getpid(), memory_mb),
+            daemon=True,
+            name="sortedrl-reward",
+        )
+        self.proc.start()
+        child.close()
+        self.started = time.monotonic()
+        self.ready = False
+        self.item: int | None = None  # index of the item being scored
+        self.deadline = math.inf
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except Exception:  # noqa: BLE001
+            pass
+        self.proc.join(timeout=5)
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------------------- the runner
+
+
+class RewardRunner:
+    """Scores batches of responses with time and size limits; see the module docstring.
+
+    `task_or_score_fn`: an object with a ``score(problem, response)`` method (a Task) or a
+    callable ``fn(problem, response) -> float | Score``; it must be picklable (a module-level
+    function or a plain task object) when ``workers >= 1``. A float ``r`` becomes
+    ``Score(r, correct=r > 0, format_ok=True)``.
+
+    `memory_mb` caps each worker's address space (Linux; None for no cap).
+    """
+
+    def __init__(
+        self,
+        task_or_score_fn: Any,
+        timeout_s: float = 10.0,
+        max_response_chars: int = 100_000,
+        workers: int = 2,
+        memory_mb: int | None = 4096,
+        start_method: str = "spawn",
+    ):
+        if not (callable(task_or_score_fn) or callable(getattr(task_or_score_fn, "score", None))):
+            raise ConfigError("reward: need a task with a score() method or a callable")
+        if not timeout_s > 0:
+            raise ConfigError(f"reward timeout_s must be > 0, got {timeout_s}")
+        if max_response_chars < 0:
+            raise ConfigError(f"reward max_response_chars must be >= 0, got {max_response_chars}")
+        if workers < 0:
+            raise ConfigError(f"reward workers must be >= 0, got {workers}")
+        self.scorer = task_or_score_fn
+        self.timeout_s = float(timeout_s)
+        self.max_response_chars = int(max_response_chars)
+        self.n_workers = int(workers)
+        self.memory_mb = memory_mb
+        self.errors: Counter[str] = Counter()
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._closed = False
+        self._start_failures = 0
+        if self.n_workers > 0:
+            try:
+                self._scorer_bytes = pickle.dumps(task_or_score_fn)
+            except Exception as e:
+                raise ConfigError(
+                    f"reward: the scorer cannot be sent to worker processes ({e}); use a "
+                    "module-level function or task object, or workers=0"
+                ) from None
+            self._ctx = mp.get_context(start_method)
+            self._workers = [self._spawn() for _ in range(self.n_workers)]
+
+    # -- lifecycle
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._ctx, self._scorer_bytes, self.memory_mb)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            try:
+                if w.item is None:
+                    w.conn.send(None)
+            except Exception:  # noqa: BLE001
+                pass
+        end = time.monotonic() + 2.0
+        for w in self._workers:
+            w.proc.join(timeout=max(0.0, end - time.monotonic()))
+            if w.proc.is_alive():
+                w.kill()
+            else:
+                w.conn.close()
+        self._workers = []
+
+    def __enter__(self) -> RewardRunner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -- scoring
+
+    def _precheck(self, problem: Any, response: Any) -> Score | None:
+        if not isinstance(response, str):
+            return Score(0.0, False, False, error=f"bad_input: response is {type(response).__name__}")
+        if len(response) > self.max_response_chars:
+            return Score(0.0, False, False, error="too_long")
+        return None
+
+    def score(self, problem: Problem, response: str) -> Score:
+        return self.score_batch([(problem, response)])[0]
+
+    def score_batch(self, items: Sequence[tuple[Problem, str]]) -> list[Score]:
+        """One Score per item, in order. Returns within about `timeout_s` per item per worker."""
+        if self._closed:
+            raise RuntimeError("RewardRunner is closed")
+        with self._lock:
+            results: list[Score | None] = [None] * len(items)
+            todo: list[int] = []
+            for i, (problem, response) in enumerate(items):
+                pre = self._precheck(problem, response)
+                if pre is not None:
+                    results[i] = pre
+                else:
+                    todo.append(i)
+            if self.n_workers == 0:
+                for i in todo:
+                    results[i] = _call_scorer(self.scorer, items[i][0], items[i][1])
+            elif todo:
+                self._run_in_workers(items, todo, results)
+            out: list[Score] = []
+            for s in results:
+                assert s is not None
+                out.append(s)
+                kind = error_kind(s.error)
+                if kind is not None:
+                    self.errors[kind if kind in ERROR_KINDS else "exception"] += 1
+            self.calls += len(items)
+            return out
+
+    def _run_in_workers(
+        self, items: Sequence[tuple[Problem, str]], todo: list[int], results: list[Score | None]
+    ) -> None:
+        queue = list(reversed(todo))  # pop() takes the next item in order
+        retried: set[int] = set()
+        while queue or any(w.item is not None for w in self._workers):
+            now = time.monotonic()
+            # Dispatch to ready, idle workers.
+            for w in self._workers:
+                if queue and w.ready and w.item is None:
+                    i = queue.pop()
+                    try:
+                        w.conn.send((i, items[i][0], items[i][1]))
+                    except Exception:  # noqa: BLE001 - worker died while idle
+                        queue.append(i)
+                        self._replace(w, failed_start=False)
+                        continue
+                    w.item, w.deadline = i, time.monotonic() + self.timeout_s
+            # Wait for a result, a worker becoming ready, a death, or the next deadline.
+            deadlines = [w.deadline for w in self._workers if w.item is not None]
+            deadlines += [w.started + _START_TIMEOUT_S for w in self._workers if not w.ready]
+            wait_s = max(0.0, min(deadlines, default=now + 1.0) - time.monotonic())
+            handles: dict[Any, _Worker] = {}
+            for w in self._workers:
+                handles[w.conn] = w
+                handles[w.proc.sentinel] = w
+            ready_handles = wait(list(handles), timeout=min(wait_s, 1.0))
+            seen: set[int] = set()
+            for h in ready_handles:
+                w = handles[h]
+                if id(w) in seen:
+                    continue
+                seen.add(id(w))
+                self._service(w, items, queue, results, retried)
+            # Enforce deadlines.
+            now = time.monotonic()
+            for w in list(self._workers):
+                if w.item is not None and now >= w.deadline:
+                    results[w.item] = Score(0.0, False, False, error="timeout")
+                    w.item = None
+                    self._replace(w, failed_start=False)
+                elif not w.ready and now >= w.started + _START_TIMEOUT_S:
+                    self._replace(w, failed_start=True)
+
+    def _service(
+        self,
+        w: _Worker,
+        items: Sequence[tuple[Problem, str]],
+        queue: list[int],
+        results: list[Score | None],
+        retried: set[int],
+    ) -> None:
+        msg: Any = None
+        try:
+            if w.conn.poll():
+                msg = w.conn.recv()
+        except Exception:  # noqa: BLE001 - EOF: the worker died
+            msg = None
+        if msg is None:
+            if w.proc.is_alive() and not w.conn.closed:
+                return  # spurious wake-up
+            # The worker died.
+            if not w.ready:
+                self._replace(w, failed_start=True)
+                return
+            i = w.item
+            w.item = None
+            if i is not None:
+                results[i] = Score(0.0, False, False, error=f"worker_died: exit code {w.proc.exitcode}")
+            self._replace(w, failed_start=False)
+            return
+        if msg[0] == "ready":
+            w.ready = True
+            self._start_failures = 0
+            return
+        idx, score = msg
+        if idx == w.item:
+            results[idx] = score if isinstance(score, Score) else _to_score(score)
+            w.item, w.deadline = None, math.inf
+
+    def _replace(self, w: _Worker, failed_start: bool) -> None:
+        w.kill()
+        if failed_start:
+            self._start_failures += 1
+            if self._start_failures >= _MAX_START_FAILURES:
+                self._workers.remove(w)
+                if not any(x.ready for x in self._workers):
+                    self._closed = True
+                    for x in self._workers:
+                        x.kill()
+                    self._workers = []
+                    raise RewardWorkerError(
+                        "reward worker processes exit before they are ready (exit code "
+                        f"{w.proc.exitcode}); check that the reward function or task can be "
+                        "imported in a fresh Python process, or run with workers=0"
+                    )
+                return
+        self._workers[self._workers.index(w)] = self._spawn()
+
+
+# ---------------------------------------------------------------------------- user functions
+
+
+def load_reward_fn(spec: str) -> Callable[[Problem, str], float | Score]:
+    """Resolve ``"package.module:function"`` (attribute path after the colon may be dotted)."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ConfigError(f"reward_fn {spec!r}: expected 'package.module:function'")
+    mod_name, attr_path = (s.strip() for s in spec.split(":"))
+    if not mod_name or not attr_path:
+        raise ConfigError(f"reward_fn {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"reward_fn {spec!r}: module {e.name!r} not found") from None
+    except Exception as e:
+        raise ConfigError(
+            f"reward_fn {spec!r}: importing {mod_name!r} failed: {type(e).__name__}: {e}"
+        ) from None
+    obj: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"reward_fn {spec!r}: {mod_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(
+            f"reward_fn {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a function"
+        )
+    return obj
