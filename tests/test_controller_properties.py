@@ -125,9 +125,10 @@ def test_counts_balance_and_limits_hold(c):
 def test_counts_balance_when_stopped_early(c, max_updates):
     _, result, engine, _ = _run(c, max_updates=max_updates)
     s = result.summary
-    assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"] + s[
-        "prompts_in_flight"
-    ]
+    assert (
+        s["prompts_admitted"]
+        == s["prompts_trained"] + s["prompts_dropped"] + s["prompts_in_flight"]
+    )
     assert s["tokens_generated"] == engine.generated
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"] + s["tokens_in_flight"]
 

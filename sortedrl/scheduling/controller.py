@@ -23,6 +23,7 @@ Every admitted prompt ends trained or dropped with a counted reason (see `Ledger
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 from sortedrl.scheduling.buffer import RolloutBuffer
@@ -31,7 +32,6 @@ from sortedrl.scheduling.metrics import Ledger
 from sortedrl.scheduling.policies import Policy, make_policy
 from sortedrl.scheduling.protocol import (
     Generation,
-    Partial,
     Request,
     TrainGroup,
     TrainSample,
@@ -57,7 +57,8 @@ class Controller:
         self._queue: list[tuple[int, int, Seq]] = []
         self._tickets = 0
         self._n_queued = 0
-        self._n_protected = 0  # open protected groups
+        self._n_protected = 0  # open protected groups, at most update_batch
+        self._protect_waitlist: deque[Group] = deque()  # past the limit, waiting to be protected
         self._running: dict[str, Seq] = {}  # request_id -> seq
         self._next_request = 0
         self._admitted = 0
@@ -72,6 +73,11 @@ class Controller:
     @property
     def open_groups(self) -> int:
         return len(self._groups)
+
+    @property
+    def generating_groups(self) -> int:
+        in_update = len(self._in_update) if self._in_update else 0
+        return len(self._groups) - self.buffer.num_complete() - in_update
 
     @property
     def live_admitted(self) -> int:
@@ -94,7 +100,7 @@ class Controller:
     # --- admission and submission -------------------------------------------------------------
     def requests_to_submit(self, free_slots: int) -> list[Request]:
         """Admit prompts as the policy allows, then hand out up to `free_slots` requests."""
-        if self._in_update is None:
+        if self._in_update is None or not self.colocated:
             spare = free_slots - self._n_queued
             self._admit(self.policy.prompts_to_admit(self, spare))
         out: list[Request] = []
@@ -205,6 +211,7 @@ class Controller:
         del self._groups[group.order]
         if group.protected:
             self._n_protected -= 1
+            self._promote()
 
     # --- updates ------------------------------------------------------------------------------
     def update_due(self, trainer_busy: bool = False) -> bool:
@@ -230,6 +237,7 @@ class Controller:
         assert self._in_update is None, "an update is already in progress"
         candidates = self.buffer.complete_groups()
         candidates.sort(key=lambda g: (not g.protected, _oldest(g), g.completed_seq))
+        # At most update_batch groups are protected at once, so all of them fit here.
         chosen = candidates[: self.config.update_batch]
         self.buffer.pop_groups(chosen)
         self._in_update = chosen
@@ -334,7 +342,17 @@ class Controller:
 
     def _count_regeneration(self, group: Group) -> None:
         group.regenerations += 1
-        if group.regenerations > self.config.max_regenerations and not group.protected:
+        if group.regenerations == self.config.max_regenerations + 1:
+            self._protect_waitlist.append(group)
+            self._promote()
+
+    def _promote(self) -> None:
+        """Protect waiting groups, first come first served, while fewer than update_batch are:
+        the update that waits for them must be able to train them all."""
+        while self._protect_waitlist and self._n_protected < self.config.update_batch:
+            group = self._protect_waitlist.popleft()
+            if not group.open:
+                continue
             group.protected = True
             self._n_protected += 1
             for seq in group.seqs:

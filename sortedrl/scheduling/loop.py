@@ -168,6 +168,7 @@ class _Loop:
             if pending is not None:
                 ready = pending.ready_at()
                 if ready is not None and ready <= clock.t + 1e-12:
+                    clock.overlapped["update"] += pending.result.elapsed_s  # type: ignore[union-attr]
                     self._finish_update(pending.batch, pending.result)  # type: ignore[arg-type]
                     pending = None
                     continue

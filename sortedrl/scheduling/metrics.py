@@ -81,7 +81,8 @@ class Clock:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.t = 0.0
-        self.phases: Counter[str] = Counter()
+        self.phases: Counter[str] = Counter()  # adds up to `t`
+        self.overlapped: Counter[str] = Counter()  # async: trainer time beside the engine's
         self.generating_s = 0.0
         self.busy_slot_s = 0.0
         self._since_update = [0.0, 0.0]  # generating_s, busy_slot_s since the last update
@@ -145,7 +146,9 @@ class Timeline:
         return [k * self.width for k in keys], [self.bins[k][1] / self.bins[k][0] for k in keys]
 
 
-def summarize(ledger: Ledger, clock: Clock, in_flight_prompts: int, in_flight_tokens: int) -> dict[str, Any]:
+def summarize(
+    ledger: Ledger, clock: Clock, in_flight_prompts: int, in_flight_tokens: int
+) -> dict[str, Any]:
     """The run's summary: the keys `sortedrl simulate --json` promises, and more."""
     wall = clock.t
     wasted = sum(ledger.tokens_wasted.values())
@@ -154,7 +157,7 @@ def summarize(ledger: Ledger, clock: Clock, in_flight_prompts: int, in_flight_to
         "wall_time_s": wall,
         "rollout_time_s": clock.phases["rollout"],
         "reward_time_s": clock.phases["reward"],
-        "update_time_s": clock.phases["update"],
+        "update_time_s": clock.phases["update"] + clock.overlapped["update"],
         "weight_sync_time_s": clock.phases["weight_sync"],
         "idle_time_s": clock.phases["idle"],
         "generating_time_s": clock.generating_s,

@@ -24,6 +24,8 @@ class PolicyView(Protocol):
     def open_groups(self) -> int: ...  # admitted, not yet trained or dropped
     @property
     def live_admitted(self) -> int: ...  # admitted and not dropped, over the whole run
+    @property
+    def generating_groups(self) -> int: ...  # open groups not yet complete
 
 
 class Policy:
@@ -85,7 +87,7 @@ class Async(Policy):
     def prompts_to_admit(self, view: PolicyView, free_slots: int) -> int:
         cfg = view.config
         window = (view.version + cfg.max_staleness + 1) * cfg.update_batch - view.live_admitted
-        return max(0, min(cfg.rollout_batch - view.open_groups, window))
+        return max(0, min(cfg.rollout_batch - view.generating_groups, window))
 
 
 POLICY_CLASSES: dict[str, type[Policy]] = {

@@ -1,0 +1,207 @@
+"""Scripted scenarios: the controller does what DESIGN.md section 2 says."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from stepping_engine import SteppingEngine, UnitTrainer
+
+from sortedrl.scheduling.config import SchedulerConfig
+from sortedrl.scheduling.controller import Controller
+from sortedrl.scheduling.loop import run
+from sortedrl.scheduling.state import PromptSpec
+
+
+def _prompts(n: int) -> list[PromptSpec]:
+    return [PromptSpec(f"p{i}", 4) for i in range(n)]
+
+
+def _by_prompt(table: dict[str, int]):
+    """All responses of prompt p have length table[p] (attempts alike)."""
+    return lambda p, i, a: table[p]
+
+
+def test_sorted_trains_short_groups_first_within_a_round():
+    lengths = {f"p{i}": L for i, L in enumerate([50, 10, 40, 20, 30, 60, 5, 15])}
+    cfg = SchedulerConfig(
+        policy="sorted",
+        group_size=2,
+        rollout_batch=8,
+        update_batch=2,
+        cache="keep",
+        max_staleness=8,
+        max_new_tokens=100,
+    )
+    trainer = UnitTrainer()
+    run(Controller(cfg, _prompts(8)), SteppingEngine(16, _by_prompt(lengths)), trainer)
+    order = [[g.prompt_id for g in b.groups] for b in trainer.batches]
+    assert order == [["p6", "p1"], ["p7", "p3"], ["p4", "p2"], ["p0", "p5"]]
+
+
+def test_sync_waits_for_the_whole_batch():
+    lengths = {f"p{i}": L for i, L in enumerate([50, 10, 40, 20])}
+    cfg = SchedulerConfig(policy="sync", group_size=2, update_batch=2, max_new_tokens=100)
+    trainer = UnitTrainer()
+    res = run(Controller(cfg, _prompts(4)), SteppingEngine(16, _by_prompt(lengths)), trainer)
+    assert [[g.prompt_id for g in b.groups] for b in trainer.batches] == [
+        ["p1", "p0"],
+        ["p3", "p2"],
+    ]
+    # Batch 1 runs 50 steps with 4 slots busy for 10 steps, 2 for 40; capacity 16.
+    assert res.summary["rollout_time_s"] == 50 + 40
+    assert res.summary["tokens_wasted"] == 0
+
+
+def test_drop_trains_only_fresh_tokens_and_counts_the_waste():
+    lengths = {"p0": 5, "p1": 30, "p2": 6, "p3": 40}
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="drop",
+        group_size=1,
+        rollout_batch=4,
+        update_batch=1,
+        max_new_tokens=100,
+    )
+    res = run(Controller(cfg, _prompts(4)), SteppingEngine(8, _by_prompt(lengths)), UnitTrainer())
+    s = res.summary
+    assert s["max_staleness_trained"] == 0
+    assert s["tokens_wasted"] > 0 and s["tokens_wasted_by_reason"].get("stale_partial", 0) > 0
+    assert s["prompts_trained"] == 4
+    assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
+
+
+def test_keep_resumes_partials_across_updates_within_the_bound():
+    lengths = {"p0": 5, "p1": 12, "p2": 20}
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="keep",
+        max_staleness=2,
+        group_size=1,
+        rollout_batch=3,
+        update_batch=1,
+        max_new_tokens=100,
+    )
+    trainer = UnitTrainer()
+    res = run(Controller(cfg, _prompts(3)), SteppingEngine(8, _by_prompt(lengths)), trainer)
+    assert res.summary["tokens_wasted"] == 0
+    last = trainer.batches[-1].groups[0].samples[0]
+    # p2 was generated across three versions: 5 tokens at v0, 7 at v1, 8 at v2.
+    assert last.version_spans == [(0, 5), (1, 7), (2, 8)]
+    assert res.summary["max_staleness_trained"] == 2
+
+
+def test_keep_discards_work_past_max_staleness_and_regenerates_it():
+    lengths = {"p0": 5, "p1": 6, "p2": 7, "p3": 100}
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="keep",
+        max_staleness=1,
+        group_size=1,
+        rollout_batch=4,
+        update_batch=1,
+        max_regenerations=5,
+        max_new_tokens=100,
+    )
+    res = run(Controller(cfg, _prompts(4)), SteppingEngine(8, _by_prompt(lengths)), UnitTrainer())
+    s = res.summary
+    assert s["max_staleness_trained"] <= 1
+    assert s["regenerations"] >= 1
+    assert s["prompts_trained"] == 4
+
+
+def test_a_long_prompt_cannot_starve():
+    # p3 is always long; with drop it is discarded at every update until it is protected,
+    # then updates wait for it and it is trained on-policy.
+    lengths = {"p0": 3, "p1": 4, "p2": 5, "p3": 60, "p4": 3, "p5": 4, "p6": 5, "p7": 6}
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="drop",
+        group_size=1,
+        rollout_batch=8,
+        update_batch=1,
+        max_regenerations=1,
+        max_new_tokens=100,
+    )
+    trainer = UnitTrainer()
+
+    class Attempts(SteppingEngine):
+        p3_attempts = 0
+
+        def submit(self, requests):
+            for r in requests:
+                if r.prompt_id == "p3":
+                    self.p3_attempts = max(self.p3_attempts, r.attempt)
+            super().submit(requests)
+
+    engine = Attempts(8, _by_prompt(lengths))
+    res = run(Controller(cfg, _prompts(8)), engine, trainer)
+    trained = [g.prompt_id for b in trainer.batches for g in b.groups]
+    assert sorted(trained) == sorted(lengths)
+    assert res.summary["max_staleness_trained"] == 0
+    # Discarded past max_regenerations, then protected (update_batch groups at a time,
+    # first come first served) until trained.
+    assert 1 <= engine.p3_attempts < 8
+
+
+def test_equal_reward_groups_are_dropped_and_replaced():
+    lengths = {f"p{i}": 3 + i for i in range(6)}
+    cfg = SchedulerConfig(
+        policy="sync", group_size=2, update_batch=2, filter_equal_rewards=True, max_new_tokens=100
+    )
+    trainer = UnitTrainer()
+
+    def scorer(gens):  # p0 and p1 get equal rewards, the rest differ by sample
+        rewards = []
+        for g in gens:
+            seq = ctl._running[g.request_id]
+            same = seq.group.prompt_id in ("p0", "p1")
+            rewards.append(1.0 if same else float(seq.index))
+        return rewards, 0.0
+
+    ctl = Controller(cfg, _prompts(6))
+    res = run(ctl, SteppingEngine(16, _by_prompt(lengths)), trainer, scorer=scorer)
+    s = res.summary
+    assert s["prompts_dropped_by_reason"] == {"equal_rewards": 2}
+    assert s["prompts_trained"] == 4
+    assert [len(b.groups) for b in trainer.batches] == [2, 2]
+
+
+def test_async_never_pauses_and_overlaps_training():
+    lengths = {f"p{i}": 10 for i in range(8)}
+    cfg = SchedulerConfig(
+        policy="async",
+        group_size=1,
+        rollout_batch=4,
+        update_batch=2,
+        max_staleness=2,
+        max_new_tokens=100,
+    )
+
+    class NoPause(SteppingEngine):
+        def pause(self):
+            raise AssertionError("async must not pause the engine")
+
+    res = run(Controller(cfg, _prompts(8)), NoPause(4, _by_prompt(lengths)), UnitTrainer(5.0))
+    s = res.summary
+    assert s["prompts_trained"] == 8
+    assert s["max_staleness_trained"] <= 2
+    # Four updates of 5 s each ran beside the engine: the wall time is less than the sum.
+    assert s["update_time_s"] == 4 * 5.0
+    assert s["wall_time_s"] < s["rollout_time_s"] + s["update_time_s"]
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValidationError, match="update_batch"):
+        SchedulerConfig(policy="sorted", rollout_batch=4, update_batch=8)
+    with pytest.raises(ValidationError, match="group_size"):
+        SchedulerConfig(group_size=0)
+    with pytest.raises(ValidationError, match="policy"):
+        SchedulerConfig(policy="fastest")
+
+
+def test_unknown_request_from_engine_is_an_error():
+    from sortedrl.scheduling.protocol import Generation
+
+    ctl = Controller(SchedulerConfig(policy="sync", update_batch=1, group_size=1), _prompts(1))
+    with pytest.raises(RuntimeError, match="unknown"):
+        ctl.on_generations([Generation("nope", "stop", 1, [(0, 1)])])
