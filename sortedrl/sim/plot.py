@@ -17,7 +17,7 @@ def plot_simulation(doc: dict[str, Any], path: str) -> None:
     timelines = doc["_timelines"]
     n = len(policies)
     fig, axes = plt.subplots(n + 1, 1, figsize=(10, 2.2 * (n + 1)), constrained_layout=True)
-    for ax, (name, summary) in zip(axes[:-1], policies.items()):
+    for ax, (name, summary) in zip(axes[:-1], policies.items(), strict=True):
         times, active = timelines[name]
         cap = summary["capacity"]
         ax.fill_between(times, active, step="post", alpha=0.6, label="running sequences")

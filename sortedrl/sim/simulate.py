@@ -161,7 +161,7 @@ def simulate(
     results: dict[str, Any] = {}
     timelines: dict[str, Any] = {}
     for name in s.policies:
-        report = (lambda n: progress(name, n)) if progress else None
+        report = (lambda n, name=name: progress(name, n)) if progress else None
         if name == "async":
             result, split = _best_async(s, workload, spec, report)
         else:

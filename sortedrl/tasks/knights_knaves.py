@@ -147,7 +147,9 @@ def generate_puzzle(
         sols = solve(statements)
         if len(sols) == 1:
             return names, statements, sols[0]
-    raise RuntimeError(f"no unique {n_people}-person puzzle in {max_tries} tries")  # pragma: no cover
+    raise RuntimeError(
+        f"no unique {n_people}-person puzzle in {max_tries} tries"
+    )  # pragma: no cover
 
 
 def answer_block(names: list[str], knights: tuple[bool, ...] | list[bool]) -> str:
@@ -167,7 +169,8 @@ def make_problem(
 ) -> Problem:
     n = len(names)
     said = " ".join(
-        f'{names[i]} says: "{_quote(statement_text(names, st))}."' for i, st in enumerate(statements)
+        f'{names[i]} says: "{_quote(statement_text(names, st))}."'
+        for i, st in enumerate(statements)
     )
     name_list = ", ".join(names[:-1]) + " and " + names[-1]
     form = "\n".join(f"({i + 1}) {name} is a knight/knave" for i, name in enumerate(names))
@@ -194,14 +197,16 @@ def reference_solution(problem: Problem) -> str:
         holds = statement_holds(st, sol)
         who = "a knight" if sol[i] else "a knave"
         lines.append(
-            f"{names[i]} is {who}, so the statement \"{statement_text(names, st)}\" is "
+            f'{names[i]} is {who}, so the statement "{statement_text(names, st)}" is '
             f"{'true' if holds else 'false'}, as it must be."
         )
     lines.append("Any other assignment contradicts some statement.")
     return "\n".join(lines) + "\n<answer>\n" + problem.answer + "\n</answer>"
 
 
-_ID_RE = re.compile(r"\b([A-Za-z]{1,40})\s{0,5}(?:is|was|:|-)\s{0,5}(?:an?\s{1,5})?(knight|knave)", re.I)
+_ID_RE = re.compile(
+    r"\b([A-Za-z]{1,40})\s{0,5}(?:is|was|:|-)\s{0,5}(?:an?\s{1,5})?(knight|knave)", re.I
+)
 
 
 def parse_answer(response: str, names: list[str]) -> list[bool] | None:

@@ -47,7 +47,9 @@ from sortedrl.tasks.base import Problem, Score
 REWARD_CORRECT = 1.0
 REWARD_WRONG = 0.0
 
-PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+PROMPT_TEMPLATE = (
+    "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+)
 
 EVAL_SETS = {
     "math500": "HuggingFaceH4/MATH-500 (split 'test')",
@@ -223,7 +225,9 @@ def _record(obj: Any, path: str, line: int | None) -> MathRecord:
             )
         key, solution = sol
         if not isinstance(solution, str):
-            raise InputFileError(path, f"must be a string, got {type(solution).__name__}", line, key)
+            raise InputFileError(
+                path, f"must be a string, got {type(solution).__name__}", line, key
+            )
         boxed = last_boxed(solution)
         if boxed is None or not boxed.strip():
             raise InputFileError(path, "has no \\boxed{...} answer", line, key)
@@ -239,7 +243,9 @@ def _load_jsonl(path: Path) -> list[MathRecord]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InputFileError(str(path), f"not valid UTF-8 ({e.reason} at byte {e.start})", lineno) from None
+            raise InputFileError(
+                str(path), f"not valid UTF-8 ({e.reason} at byte {e.start})", lineno
+            ) from None
         if lineno == 1:
             text = text.removeprefix("\ufeff")
         if not text.strip():
@@ -247,7 +253,9 @@ def _load_jsonl(path: Path) -> list[MathRecord]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise InputFileError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", lineno) from None
+            raise InputFileError(
+                str(path), f"invalid JSON: {e.msg} (column {e.colno})", lineno
+            ) from None
         records.append(_record(obj, str(path), lineno))
     return records
 
@@ -262,7 +270,9 @@ def _load_json_array(path: Path) -> list[MathRecord]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputFileError(str(path), f"invalid JSON: {e.msg} (column {e.colno})", e.lineno) from None
+        raise InputFileError(
+            str(path), f"invalid JSON: {e.msg} (column {e.colno})", e.lineno
+        ) from None
     if not isinstance(obj, list):
         raise InputFileError(str(path), "expected a JSON array of objects (or use .jsonl)")
     return [_record(o, str(path), i) for i, o in enumerate(obj, start=1)]

@@ -14,7 +14,8 @@ method or any ``fn(problem, response) -> float | Score``:
 Responses longer than ``max_response_chars`` are scored 0 with error ``too_long`` without ever
 reaching the scorer. A scorer that raises gives reward 0 with error ``"exception: <Type>:
 <message>"``. Error kinds are counted in ``runner.errors`` (a Counter over ``timeout``,
-``too_long``, ``exception``, ``worker_died``, ``bad_return``, ``bad_input``).
+``too_long``, ``exception``, ``worker_died``, ``bad_return``, ``bad_input``, and
+``scorer_error`` for a Score whose scorer set an error of its own).
 
 A task object may define ``warmup()``: each worker calls it once before taking work (e.g. to
 import math-verify), so import time is never charged to a call's time limit.
@@ -24,15 +25,17 @@ User reward functions: :func:`load_reward_fn` resolves ``"package.module:functio
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import multiprocessing as mp
 import os
 import pickle
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -59,13 +62,18 @@ def _to_score(value: Any) -> Score:
         r = value.reward
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
             return Score(0.0, False, False, error=f"bad_return: reward {r!r:.50}")
-        return Score(float(r), bool(value.correct), bool(value.format_ok), value.error)
+        err = value.error
+        if err is not None and not isinstance(err, str):
+            err = f"bad_return: error is {type(err).__name__}"
+        return Score(float(r), bool(value.correct), bool(value.format_ok), err)
     if isinstance(value, (bool, int, float)):
         r = float(value)
         if not math.isfinite(r):
             return Score(0.0, False, False, error=f"bad_return: reward {r!r}")
         return Score(r, r > 0, True)
-    return Score(0.0, False, False, error=f"bad_return: {type(value).__name__} is not a float or Score")
+    return Score(
+        0.0, False, False, error=f"bad_return: {type(value).__name__} is not a float or Score"
+    )
 
 
 def _call_scorer(scorer: Any, problem: Problem, response: str) -> Score:
@@ -76,7 +84,8 @@ def _call_scorer(scorer: Any, problem: Problem, response: str) -> Score:
         if isinstance(e, KeyboardInterrupt):
             raise
         try:
-            msg = f"exception: {type(e).__name__}: {e}"
+            text = str(e)
+            msg = f"exception: {type(e).__name__}" + (f": {text}" if text else "")
         except BaseException:  # noqa: BLE001 - a hostile __str__
             msg = f"exception: {type(e).__name__}"
         return Score(0.0, False, False, error=msg[:_MAX_ERROR_CHARS])
@@ -129,6 +138,30 @@ def _worker_main(conn: Connection, scorer_bytes: bytes, ppid: int, memory_mb: in
         conn.send((idx, _call_scorer(scorer, problem, response)))
 
 
+@contextlib.contextmanager
+def _no_phantom_main() -> Iterator[None]:
+    """Hide a `__main__.__file__` that is not a file (``python - <<EOF``, ``-c``) while spawning.
+
+    The spawn start method re-runs the parent's main file in the child; when there is no such
+    file the child dies before it starts. Our workers never need the parent's main module.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    hide = (
+        main is not None
+        and isinstance(path, str)
+        and getattr(main, "__spec__", None) is None
+        and not os.path.isfile(path)
+    )
+    if hide:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if hide:
+            main.__file__ = path
+
+
 class _Worker:
     def __init__(self, ctx: Any, scorer_bytes: bytes, memory_mb: int | None):
         parent, child = ctx.Pipe(duplex=True)
@@ -139,7 +172,8 @@ class _Worker:
             daemon=True,
             name="sortedrl-reward",
         )
-        self.proc.start()
+        with _no_phantom_main():
+            self.proc.start()
         child.close()
         self.started = time.monotonic()
         self.ready = False
@@ -251,7 +285,9 @@ class RewardRunner:
 
     def _precheck(self, problem: Any, response: Any) -> Score | None:
         if not isinstance(response, str):
-            return Score(0.0, False, False, error=f"bad_input: response is {type(response).__name__}")
+            return Score(
+                0.0, False, False, error=f"bad_input: response is {type(response).__name__}"
+            )
         if len(response) > self.max_response_chars:
             return Score(0.0, False, False, error="too_long")
         return None
@@ -283,7 +319,7 @@ class RewardRunner:
                 out.append(s)
                 kind = error_kind(s.error)
                 if kind is not None:
-                    self.errors[kind if kind in ERROR_KINDS else "exception"] += 1
+                    self.errors[kind if kind in ERROR_KINDS else "scorer_error"] += 1
             self.calls += len(items)
             return out
 
@@ -291,36 +327,45 @@ class RewardRunner:
         self, items: Sequence[tuple[Problem, str]], todo: list[int], results: list[Score | None]
     ) -> None:
         queue = list(reversed(todo))  # pop() takes the next item in order
-        retried: set[int] = set()
+        resent: set[int] = set()  # items sent to a worker that was found dead before scoring
         while queue or any(w.item is not None for w in self._workers):
-            now = time.monotonic()
+            if not self._workers:  # pragma: no cover - _replace raises before this happens
+                raise RewardWorkerError("no reward worker is left")
             # Dispatch to ready, idle workers.
-            for w in self._workers:
-                if queue and w.ready and w.item is None:
-                    i = queue.pop()
-                    try:
-                        w.conn.send((i, items[i][0], items[i][1]))
-                    except Exception:  # noqa: BLE001 - worker died while idle
+            for w in list(self._workers):
+                if not (queue and w.ready and w.item is None):
+                    continue
+                i = queue.pop()
+                try:
+                    w.conn.send((i, items[i][0], items[i][1]))
+                except (OSError, EOFError):  # the worker died while idle
+                    if i in resent:
+                        results[i] = Score(0.0, False, False, error="worker_died: on send")
+                    else:
+                        resent.add(i)
                         queue.append(i)
-                        self._replace(w, failed_start=False)
-                        continue
-                    w.item, w.deadline = i, time.monotonic() + self.timeout_s
+                    self._replace(w, failed_start=False)
+                    continue
+                except Exception as e:  # noqa: BLE001 - the item cannot be pickled
+                    msg = f"bad_input: cannot send to worker: {type(e).__name__}: {e}"
+                    results[i] = Score(0.0, False, False, error=msg[:_MAX_ERROR_CHARS])
+                    continue
+                w.item, w.deadline = i, time.monotonic() + self.timeout_s
             # Wait for a result, a worker becoming ready, a death, or the next deadline.
             deadlines = [w.deadline for w in self._workers if w.item is not None]
             deadlines += [w.started + _START_TIMEOUT_S for w in self._workers if not w.ready]
-            wait_s = max(0.0, min(deadlines, default=now + 1.0) - time.monotonic())
+            wait_s = min(deadlines, default=math.inf) - time.monotonic()
             handles: dict[Any, _Worker] = {}
             for w in self._workers:
                 handles[w.conn] = w
                 handles[w.proc.sentinel] = w
-            ready_handles = wait(list(handles), timeout=min(wait_s, 1.0))
-            seen: set[int] = set()
+            ready_handles = wait(list(handles), timeout=min(max(wait_s, 0.0), 1.0))
+            serviced: list[_Worker] = []
             for h in ready_handles:
-                w = handles[h]
-                if id(w) in seen:
-                    continue
-                seen.add(id(w))
-                self._service(w, items, queue, results, retried)
+                if not any(handles[h] is x for x in serviced):
+                    serviced.append(handles[h])
+            for w in serviced:
+                self._service(w, results)
             # Enforce deadlines.
             now = time.monotonic()
             for w in list(self._workers):
@@ -331,31 +376,26 @@ class RewardRunner:
                 elif not w.ready and now >= w.started + _START_TIMEOUT_S:
                     self._replace(w, failed_start=True)
 
-    def _service(
-        self,
-        w: _Worker,
-        items: Sequence[tuple[Problem, str]],
-        queue: list[int],
-        results: list[Score | None],
-        retried: set[int],
-    ) -> None:
+    def _service(self, w: _Worker, results: list[Score | None]) -> None:
+        """Handle whatever made worker `w` wake us: a message, or its death."""
         msg: Any = None
         try:
-            if w.conn.poll():
+            if not w.conn.poll():
+                if w.proc.is_alive():
+                    return  # nothing to read and still alive: a spurious wake-up
+            else:
                 msg = w.conn.recv()
-        except Exception:  # noqa: BLE001 - EOF: the worker died
+        except Exception:  # noqa: BLE001 - EOF or a broken pipe: the worker died
             msg = None
         if msg is None:
-            if w.proc.is_alive() and not w.conn.closed:
-                return  # spurious wake-up
-            # The worker died.
+            w.proc.join(timeout=1.0)
             if not w.ready:
                 self._replace(w, failed_start=True)
                 return
-            i = w.item
-            w.item = None
+            i, w.item = w.item, None
             if i is not None:
-                results[i] = Score(0.0, False, False, error=f"worker_died: exit code {w.proc.exitcode}")
+                code = w.proc.exitcode
+                results[i] = Score(0.0, False, False, error=f"worker_died: exit code {code}")
             self._replace(w, failed_start=False)
             return
         if msg[0] == "ready":

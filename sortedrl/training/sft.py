@@ -80,7 +80,9 @@ def supervised_warm_start(
         ids, attn, labels = ids.to(dev), attn.to(dev), labels.to(dev)
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
         loss = nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
         )
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
