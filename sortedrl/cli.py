@@ -50,13 +50,17 @@ def main() -> None:
 @click.option("--lengths", help="length spec, e.g. 'lognormal:median=1500,sigma=1.0'")
 @click.option("--prompts", type=int, default=2048, show_default=True)
 @click.option("--group-size", type=int, default=None, help="G (default 8, or the trace's)")
-@click.option("--rollout-batch", type=int, default=512, show_default=True)
+@click.option("--rollout-batch", type=int, default=320, show_default=True)
 @click.option("--update-batch", type=int, default=128, show_default=True)
 @click.option("--cache", type=click.Choice(["drop", "keep"]), default="keep", show_default=True)
-@click.option("--max-staleness", type=int, default=1, show_default=True)
+@click.option("--max-staleness", type=int, default=2, show_default=True)
 @click.option("--max-regenerations", type=int, default=2, show_default=True)
 @click.option(
-    "--admission", type=click.Choice(["round", "fill"]), default="round", show_default=True
+    "--admission",
+    type=click.Choice(["auto", "round", "fill"]),
+    default="auto",
+    show_default=True,
+    help="sorted: auto = round for drop, fill for keep",
 )
 @click.option("--async-rollout-gpus", type=int, default=None, help="default: best of all splits")
 @click.option("--seed", type=int, default=0, show_default=True)

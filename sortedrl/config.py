@@ -67,7 +67,7 @@ class SchedulerSection(BaseModel):
     cache: Literal["drop", "keep"] = "keep"
     max_staleness: int = Field(1, ge=0)
     max_regenerations: int = Field(2, ge=0)
-    admission: Literal["round", "fill"] = "round"
+    admission: Literal["auto", "round", "fill"] = "auto"
     filter_equal_rewards: bool = False
 
 

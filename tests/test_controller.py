@@ -150,13 +150,8 @@ def test_equal_reward_groups_are_dropped_and_replaced():
     )
     trainer = UnitTrainer()
 
-    def scorer(gens):  # p0 and p1 get equal rewards, the rest differ by sample
-        rewards = []
-        for g in gens:
-            seq = ctl._running[g.request_id]
-            same = seq.group.prompt_id in ("p0", "p1")
-            rewards.append(1.0 if same else float(seq.index))
-        return rewards, 0.0
+    def scorer(gens, keys):  # p0 and p1 get equal rewards, the rest differ by sample
+        return [1.0 if p in ("p0", "p1") else float(i) for p, i in keys], 0.0
 
     ctl = Controller(cfg, _prompts(6))
     res = run(ctl, SteppingEngine(16, _by_prompt(lengths)), trainer, scorer=scorer)

@@ -76,7 +76,7 @@ def _run(c: dict, max_updates: int | None = None):
     trainer = UnitTrainer(3.0)
     rng = random.Random(c["seed"])
 
-    def scorer(gens):
+    def scorer(gens, keys):
         return [float(rng.random() < 0.5) for _ in gens], 0.0
 
     result = run(ctl, engine, trainer, scorer=scorer, max_updates=max_updates)

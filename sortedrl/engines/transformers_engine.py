@@ -47,7 +47,7 @@ import inspect
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -166,8 +166,6 @@ class _Seq:
     spans: VersionSpans
     start: int = 0  # first KV column of this row
     pending: int = -1  # last sampled token, not yet in the KV cache
-    finish_reason: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def add(self, token: int, logprob: float, version: int) -> None:
         self.token_ids.append(token)
@@ -198,7 +196,9 @@ def _seq_from_request(req: Request) -> _Seq:
     if p is None:
         return _Seq(req, [], [], [])
     if p.token_ids is None or p.logprobs is None:
-        raise ValueError(f"request {req.request_id!r}: resume needs the partial's token_ids and logprobs")
+        raise ValueError(
+            f"request {req.request_id!r}: resume needs the partial's token_ids and logprobs"
+        )
     n = len(p.token_ids)
     if len(p.logprobs) != n or p.n_tokens != n:
         raise ValueError(
@@ -206,7 +206,9 @@ def _seq_from_request(req: Request) -> _Seq:
             f"{n} token_ids and {len(p.logprobs)} logprobs"
         )
     if sum(c for _, c in p.version_spans) != n:
-        raise ValueError(f"request {req.request_id!r}: resume version_spans do not cover {n} tokens")
+        raise ValueError(
+            f"request {req.request_id!r}: resume version_spans do not cover {n} tokens"
+        )
     return _Seq(
         req,
         [int(t) for t in p.token_ids],
@@ -299,12 +301,18 @@ class TransformersEngine:
     def num_unfinished(self) -> int:
         return len(self._queue) + len(self._rows)
 
+    def num_running(self) -> int:
+        """Sequences in the running batch (at most `capacity`)."""
+        return len(self._rows)
+
     def submit(self, requests: Sequence[Request]) -> None:
         seqs = []
         seen = set()
         for req in requests:
             if req.request_id in self._ids or req.request_id in seen:
-                raise ValueError(f"request id {req.request_id!r} is already unfinished in the engine")
+                raise ValueError(
+                    f"request id {req.request_id!r} is already unfinished in the engine"
+                )
             seen.add(req.request_id)
             seqs.append(_seq_from_request(req))
         for s in seqs:
@@ -437,11 +445,15 @@ class TransformersEngine:
             self._rows.pop()
         if not self._rows:
             self._T = 0
+        else:
+            self._compact()
+
+    def _compact(self, force: bool = False) -> None:
+        """Drop the leading columns that are padding in every running row."""
+        if not self._rows or self._kv is None:
             return
-        # Compaction: drop the columns that are padding in every row.
         lo = min(s.start for s in self._rows)
-        if lo >= 32 and lo * 4 >= self._T:
-            assert self._kv is not None
+        if lo > 0 and (force or (lo >= 32 and lo * 4 >= self._T)):
             self._kv.shift(len(self._rows), lo, 0, self._T - lo)
             for s in self._rows:
                 s.start -= lo
@@ -487,7 +499,7 @@ class TransformersEngine:
         ids = torch.full((n, P), self.pad_token_id, dtype=torch.long)
         pos = torch.zeros((n, P), dtype=torch.long)
         valid = torch.zeros((n, P), dtype=torch.bool)
-        for j, (x, L) in enumerate(zip(seqs, lens)):
+        for j, (x, L) in enumerate(zip(seqs, lens, strict=True)):
             ids[j, P - L :] = torch.tensor(x, dtype=torch.long)
             pos[j, P - L :] = torch.arange(L)
             valid[j, P - L :] = True
@@ -501,7 +513,7 @@ class TransformersEngine:
         report.tokens_generated += n
         self.stats["prefills"] += 1
         done = []
-        for j, (s, t, lp, L) in enumerate(zip(new, toks, lps, lens)):
+        for j, (s, t, lp, L) in enumerate(zip(new, toks, lps, lens, strict=True)):
             s.start = T - L
             s.add(t, lp, self._version)
             self._rows.append(s)
@@ -517,6 +529,8 @@ class TransformersEngine:
     def _decode(self, report: StepReport) -> None:
         kv = self._kv
         assert kv is not None
+        if self._T + 1 > kv.columns:
+            self._compact(force=True)  # rather than grow the buffers
         B, T = len(self._rows), self._T
         kv.ensure_columns(T + 1)
         starts = torch.tensor([s.start for s in self._rows], dtype=torch.long)
@@ -530,7 +544,7 @@ class TransformersEngine:
         toks, lps = self._sample(logits)
         report.tokens_generated += B
         done = []
-        for i, (s, t, lp) in enumerate(zip(self._rows, toks, lps)):
+        for i, (s, t, lp) in enumerate(zip(self._rows, toks, lps, strict=True)):
             s.add(t, lp, self._version)
             reason = self._finish_reason(s)
             if reason is not None:

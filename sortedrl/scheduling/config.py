@@ -40,10 +40,11 @@ class SchedulerConfig(BaseModel):
         description="drop complete groups whose rewards are all equal (no advantage signal) "
         "and admit more prompts in their place (DAPO's dynamic sampling)",
     )
-    admission: Literal["round", "fill"] = Field(
-        "round",
+    admission: Literal["auto", "round", "fill"] = Field(
+        "auto",
         description="sorted: admit a whole round when the previous one is consumed (round), or "
-        "keep the engine full by admitting as slots free up, at most rollout_batch open (fill)",
+        "keep the engine full by admitting as slots free up, at most rollout_batch open (fill); "
+        "auto: round with cache=drop, fill with cache=keep (what measured best, see README)",
     )
     max_new_tokens: int = Field(16384, ge=1, description="response length cap")
 
@@ -66,6 +67,12 @@ class SchedulerConfig(BaseModel):
         if self.policy == "partial":
             return None  # Kimi k1.5 / APRIL carry partials over without a bound
         return self.max_staleness  # async
+
+    @property
+    def effective_admission(self) -> str:
+        if self.admission != "auto":
+            return self.admission
+        return "round" if self.cache == "drop" else "fill"
 
     @property
     def effective_rollout_batch(self) -> int:

@@ -87,6 +87,11 @@ class Controller:
     def colocated(self) -> bool:
         return self.policy.colocated
 
+    def response_key(self, request_id: str) -> tuple[str, int]:
+        """(prompt_id, sample_index) of a running request."""
+        seq = self._running[request_id]
+        return seq.group.prompt_id, seq.index
+
     def num_running(self) -> int:
         return len(self._running)
 

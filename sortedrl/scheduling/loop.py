@@ -23,8 +23,9 @@ from sortedrl.scheduling.protocol import (
     UpdateResult,
 )
 
-# Scores finished generations; returns (rewards, seconds it took).
-Scorer = Callable[[Sequence[Generation]], tuple[list[float], float]]
+# Scores finished generations, given each one's (prompt_id, sample_index); returns
+# (rewards, seconds it took).
+Scorer = Callable[[Sequence[Generation], Sequence[tuple[str, int]]], tuple[list[float], float]]
 # Called after every update with the record just made.
 UpdateHook = Callable[[UpdateRecord, UpdateBatch, UpdateResult], None]
 
@@ -120,7 +121,8 @@ class _Loop:
         self.clock.add_generation(report.elapsed_s, report.busy_slot_s, advance)
         rewards = None
         if self.scorer is not None and report.finished:
-            rewards, seconds = self.scorer(report.finished)
+            keys = [self.ctl.response_key(g.request_id) for g in report.finished]
+            rewards, seconds = self.scorer(report.finished, keys)
             self.clock.add("reward", seconds)
         self.ctl.on_generations(report.finished, rewards)
         return report.elapsed_s

@@ -56,7 +56,7 @@ class Sorted(Policy):
 
     def prompts_to_admit(self, view: PolicyView, free_slots: int) -> int:
         cfg = view.config
-        if cfg.admission == "fill" and free_slots >= cfg.group_size:
+        if cfg.effective_admission == "fill" and free_slots >= cfg.group_size:
             # Keep the engine full: start the next round's prompts as slots free up.
             return min(free_slots // cfg.group_size, cfg.rollout_batch - view.open_groups)
         if view.open_groups == 0:

@@ -36,7 +36,7 @@ class SimSettings:
     cache: str = "keep"
     max_staleness: int = 1
     max_regenerations: int = 2
-    admission: str = "round"
+    admission: str = "auto"
     seed: int = 0
     async_rollout_gpus: int | None = None  # None: try the splits and keep the best goodput
     extra: dict[str, Any] = field(default_factory=dict)

@@ -182,7 +182,8 @@ def make_problem(
         meta={
             "names": list(names),
             "solution": [bool(k) for k in solution],
-            "statements": [list(st) for st in statements],
+            # JSON-friendly: [kind, [person, claims_knight], ...]
+            "statements": [[st[0], *[list(x) for x in st[1:]]] for st in statements],
         },
     )
 

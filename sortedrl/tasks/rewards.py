@@ -31,6 +31,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -107,9 +108,11 @@ def _watch_parent(ppid: int) -> None:
 
 
 def _worker_main(conn: Connection, scorer_bytes: bytes, ppid: int, memory_mb: int | None) -> None:
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    try:
+        os.setpgid(0, 0)  # own process group: killing it also ends anything the scorer started
+    except (AttributeError, OSError):
+        pass
     threading.Thread(target=_watch_parent, args=(ppid,), daemon=True).start()
     if memory_mb:
         try:
@@ -179,8 +182,21 @@ class _Worker:
         self.ready = False
         self.item: int | None = None  # index of the item being scored
         self.deadline = math.inf
+        self.killed = False
 
     def kill(self) -> None:
+        """Kill the worker and its process group, then reap it (once)."""
+        if self.killed:
+            return
+        self.killed = True
+        pid = self.proc.pid
+        # Only while the worker is not reaped: its pid (so its group id) cannot be reused yet.
+        popen = getattr(self.proc, "_popen", None)
+        if pid is not None and hasattr(os, "killpg") and getattr(popen, "returncode", 0) is None:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the group the worker made for itself, if any
+            except OSError:
+                pass
         try:
             self.proc.kill()
         except Exception:  # noqa: BLE001
@@ -312,7 +328,18 @@ class RewardRunner:
                 for i in todo:
                     results[i] = _call_scorer(self.scorer, items[i][0], items[i][1])
             elif todo:
-                self._run_in_workers(items, todo, results)
+                try:
+                    self._run_in_workers(items, todo, results)
+                except BaseException:
+                    # Interrupted (e.g. KeyboardInterrupt): workers still busy with this batch
+                    # must not answer the next one.
+                    for w in list(self._workers):
+                        if w.item is not None:
+                            w.item = None
+                            if not self._closed:
+                                self._workers[self._workers.index(w)] = self._spawn()
+                            w.kill()
+                    raise
             out: list[Score] = []
             for s in results:
                 assert s is not None
@@ -380,15 +407,13 @@ class RewardRunner:
         """Handle whatever made worker `w` wake us: a message, or its death."""
         msg: Any = None
         try:
-            if not w.conn.poll():
-                if w.proc.is_alive():
-                    return  # nothing to read and still alive: a spurious wake-up
-            else:
+            # Nothing to read means the wake-up came from the process sentinel: it exited.
+            if w.conn.poll():
                 msg = w.conn.recv()
         except Exception:  # noqa: BLE001 - EOF or a broken pipe: the worker died
             msg = None
         if msg is None:
-            w.proc.join(timeout=1.0)
+            w.kill()
             if not w.ready:
                 self._replace(w, failed_start=True)
                 return

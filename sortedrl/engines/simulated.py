@@ -1,0 +1,617 @@
+"""A rollout engine in virtual time, driven by the roofline cost model.
+
+Model of the engine (what a vLLM deployment with data-parallel replicas does):
+
+- `gpus // tp` replicas, each an independent continuous-batching engine with at most
+  `max_num_seqs` running sequences and a KV cache of `kv_capacity_tokens` tokens.
+- One FIFO waiting queue. A request starts on a replica at one of that replica's step
+  boundaries when the replica has a free slot and KV room for the prompt, the resumed prefix
+  and one more token for every running sequence; among replicas free at the same moment the
+  least loaded wins. A started request is prefilled (prompt + resumed tokens); the prefill
+  time is added to that replica's next step.
+- Every decode step adds one token to each running sequence. Before a step, if the KV cache
+  cannot hold the next token of every running sequence, the most recently started sequence
+  is preempted to the front of the queue keeping its progress (vLLM's recompute
+  preemption: it is prefilled again when it restarts).
+
+Replicas run independently, each on its own clock (not in lockstep): real data-parallel
+replicas do not wait for each other, and this keeps the accounting exact while making each
+event O(log n). A replica's state is only materialised at its own events (a sequence
+finishing, a preemption due, a queued request it can take, or `max_event_steps` steps);
+between events its step times follow in closed form from the cost model
+(`CostModel.decode_steps_time`). `step()` advances the engine clock to the earliest event of
+any replica. Consequences worth knowing:
+
+- `busy_slot_s` is exact: the number of running sequences only changes at events.
+- `tokens_generated` of a replica is credited at that replica's events, so a report may
+  include tokens another replica produced a little earlier; sums over a run are exact.
+- `abort` of a running request lets its replica finish the step in progress (the partial
+  includes that step's token); `pause` stops at the last completed step of each replica, the
+  step in progress is lost (its time counted as busy). Tokens credited by `pause` appear in
+  the next `step()` report.
+- A weight update reaches each replica at its next step boundary; tokens of the step in
+  progress carry the old version.
+
+The engine has no randomness: lengths come from the workload, which is seeded.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from sortedrl.engines.costmodel import ClusterSpec, CostModel, resolve_preset
+from sortedrl.errors import ConfigError
+from sortedrl.scheduling.protocol import (
+    FinishReason,
+    Generation,
+    Request,
+    StepReport,
+    UpdateBatch,
+    UpdateResult,
+    VersionSpans,
+)
+from sortedrl.sim.workload import Workload
+
+_WAITING, _RUNNING, _DONE = 0, 1, 2
+_EPS = 1e-9  # seconds: float slack when comparing a replica's clock with the engine's
+
+
+class _Seq:
+    __slots__ = (
+        "rid",
+        "prompt_len",
+        "final",
+        "reason",
+        "prefix",
+        "spans",
+        "state",
+        "rep",
+        "start",
+        "order",
+    )
+
+    def __init__(self, rid: str, prompt_len: int, final: int, reason: FinishReason):
+        self.rid = rid
+        self.prompt_len = prompt_len
+        self.final = final  # total response length it will reach
+        self.reason: FinishReason = reason
+        self.prefix = 0  # tokens generated before the current run (resumed or preempted)
+        self.spans: VersionSpans = []  # version spans of those prefix tokens
+        self.state = _WAITING
+        self.rep: _Replica | None = None
+        self.start = 0  # replica step index at which the current run started
+        self.order = -1  # admission number of the current run (validates heap entries)
+
+
+class _Replica:
+    __slots__ = (
+        "idx",
+        "t",
+        "s",
+        "n",
+        "kv",
+        "pre",
+        "heap",
+        "stack",
+        "marks_s",
+        "marks_v",
+        "wake",
+        "ev",
+        "ev_step",
+    )
+
+    def __init__(self, idx: int, version: int):
+        self.idx = idx
+        self.t = 0.0  # time of the step boundary the state below describes
+        self.s = 0  # decode steps completed at that boundary
+        self.n = 0  # running sequences
+        self.kv = 0  # KV tokens held by them
+        self.pre = 0.0  # prefill time added to the next step
+        self.heap: list[tuple[int, int, _Seq]] = []  # (finish step, order, seq)
+        self.stack: list[tuple[int, _Seq]] = []  # running in admission order, for preemption
+        # Policy version of step j is marks_v[i] for the last marks_s[i] < j.
+        self.marks_s: list[int] = [-1]
+        self.marks_v: list[int] = [version]
+        self.wake: int | None = None  # step boundary at which to take queued requests
+        self.ev = 0  # id of the valid event in the engine heap
+        self.ev_step = 0
+
+
+def _add_span(spans: VersionSpans, version: int, n: int) -> None:
+    if n <= 0:
+        return
+    if spans and spans[-1][0] == version:
+        spans[-1] = (version, spans[-1][1] + n)
+    else:
+        spans.append((version, n))
+
+
+class SimulatedEngine:
+    """Implements `sortedrl.scheduling.protocol.Engine` in virtual time.
+
+    `gpus` overrides the preset's GPU count (an async run gives rollout a subset);
+    `max_event_steps` bounds how many decode steps a replica runs between reports.
+    """
+
+    def __init__(
+        self,
+        preset: str | ClusterSpec,
+        workload: Workload,
+        seed: int = 0,
+        gpus: int | None = None,
+        max_event_steps: int = 4096,
+        kv_watermark: float = 0.01,
+        version: int = 0,
+    ):
+        spec = resolve_preset(preset)
+        self.cost = CostModel(spec, gpus=gpus)
+        self.spec = self.cost.spec
+        self.workload = workload
+        self.seed = seed  # unused: the engine is deterministic given the workload
+        if max_event_steps < 1:
+            raise ConfigError(f"max_event_steps must be >= 1, got {max_event_steps}")
+        self.max_event_steps = max_event_steps
+        self._kv_cap = self.cost.kv_capacity_tokens
+        self._max_seqs = self.spec.max_num_seqs
+        if not 0 <= kv_watermark < 1:
+            raise ConfigError(f"kv_watermark must be in [0, 1), got {kv_watermark}")
+        # Admission keeps this many KV tokens free (vLLM V0's 1% watermark): without it a
+        # KV-bound replica admits, then preempts, the same request at almost every finish.
+        self._watermark = int(self._kv_cap * kv_watermark)
+        self._version = version
+        self._reps = [_Replica(i, version) for i in range(self.cost.replicas)]
+        self._now = 0.0
+        self._queue: deque[_Seq] = deque()
+        self._n_waiting = 0
+        # Set when the queue head may have changed: only then can a replica that refused the
+        # old head take the new one outside its own events.
+        self._head_changed = False
+        self._seqs: dict[str, _Seq] = {}  # waiting and running, by request id
+        self._ready: list[Generation] = []  # finished without decoding, for the next step()
+        self._events: list[tuple[float, int, int, int]] = []  # (time, tiebreak, replica, ev)
+        self._tiebreak = 0
+        self._order = 0
+        self._running = 0
+        self._tokens = 0  # credited, not yet reported
+        self._prefill = 0
+        #: Cumulative counters, for reports and tests.
+        self.preemptions = 0
+        self.total_tokens = 0
+        self.total_prefill_tokens = 0
+
+    # --- protocol ---------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.cost.capacity
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def now(self) -> float:
+        """The engine's virtual clock (seconds since construction)."""
+        return self._now
+
+    def num_unfinished(self) -> int:
+        return len(self._seqs) + len(self._ready)
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        cap_resp = min(self.spec.response_cap, self.workload.cap)
+        if not self._n_waiting:
+            self._head_changed = True
+        for req in requests:
+            if req.request_id in self._seqs:
+                raise ValueError(f"request id {req.request_id!r} is already in the engine")
+            cap = min(req.max_new_tokens, cap_resp)
+            if req.prompt_len < 0:
+                raise ValueError(f"request {req.request_id!r}: negative prompt_len")
+            if req.prompt_len + cap + 1 > self._kv_cap:
+                raise ConfigError(
+                    f"request {req.request_id!r}: prompt ({req.prompt_len}) + response cap "
+                    f"({cap}) exceeds the KV cache of one replica ({self._kv_cap} tokens) "
+                    f"of preset '{self.spec.name}'"
+                )
+            natural = self.workload.length(req.prompt_id, req.sample_index, req.attempt)
+            final = min(natural, cap)
+            reason: FinishReason = "length" if natural >= cap else "stop"
+            q = _Seq(req.request_id, req.prompt_len, final, reason)
+            if req.resume is not None:
+                q.prefix = req.resume.n_tokens
+                q.spans = list(req.resume.version_spans)
+            if q.prefix >= q.final:
+                # Nothing left to generate (e.g. a partial cut exactly at its end).
+                fin: FinishReason = "length" if q.prefix >= cap else q.reason
+                self._ready.append(Generation(q.rid, fin, q.prefix, list(q.spans)))
+                continue
+            self._seqs[q.rid] = q
+            self._queue.append(q)
+            self._n_waiting += 1
+        self._dispatch()
+
+    def step(self) -> StepReport:
+        report = StepReport()
+        if self._ready:
+            report.finished, self._ready = self._ready, []
+        events, reps = self._events, self._reps
+        advanced = False
+        # Process the earliest event, and every other event at that same moment.
+        while events:
+            t, _, ri, ev = events[0]
+            r = reps[ri]
+            if ev != r.ev:
+                heapq.heappop(events)  # superseded by a later schedule of that replica
+                continue
+            if advanced and t > self._now:
+                break
+            heapq.heappop(events)
+            dt = t - self._now
+            if dt > 0:
+                report.elapsed_s += dt
+                report.busy_slot_s += self._running * dt
+                self._now = t
+            self._at_event(r, t, report.finished)
+            advanced = True
+        report.tokens_generated, self._tokens = self._tokens, 0
+        report.prefill_tokens, self._prefill = self._prefill, 0
+        return report
+
+    def abort(self, request_ids: Sequence[str]) -> list[Generation]:
+        out: list[Generation] = []
+        touched: dict[int, _Replica] = {}
+        for rid in request_ids:
+            q = self._seqs.pop(rid, None)
+            if q is None:
+                # Finished but not yet returned by step(): it is aborted all the same.
+                for i, g in enumerate(self._ready):
+                    if g.request_id == rid:
+                        del self._ready[i]
+                        out.append(Generation(rid, "abort", g.n_tokens, g.version_spans))
+                        break
+                continue
+            if q.state == _WAITING:
+                q.state = _DONE
+                self._n_waiting -= 1
+                self._head_changed = True
+                out.append(Generation(rid, "abort", q.prefix, list(q.spans)))
+                continue
+            r = q.rep
+            assert r is not None
+            if r.t < self._now - _EPS:
+                # Let the step in progress complete: the replica's state stays exact.
+                k = self._ceil_steps(r)
+                self._advance(r, k, r.t + r.pre + self.cost.decode_steps_time(r.n, r.kv, k))
+            out.append(self._stop(r, q, "abort"))
+            touched[r.idx] = r
+        for r in touched.values():
+            self._fill(r)
+            self._schedule(r)
+        self._head_changed = True
+        self._wake_others(None)
+        return out
+
+    def pause(self) -> list[Generation]:
+        out: list[Generation] = []
+        cost = self.cost
+        for r in self._reps:
+            if r.n:
+                if r.t < self._now - _EPS:
+                    k = self._floor_steps(r)
+                    if k:
+                        self._advance(r, k, r.t + r.pre + cost.decode_steps_time(r.n, r.kv, k))
+                for order, q in r.stack:
+                    if q.order == order and q.state == _RUNNING:
+                        out.append(self._stop(r, q, "abort"))
+            r.heap.clear()
+            r.stack.clear()
+            r.n, r.kv, r.pre, r.wake = 0, 0, 0.0, None
+            r.t = max(r.t, self._now)
+            r.ev += 1
+        for q in self._queue:
+            if q.state == _WAITING:
+                q.state = _DONE
+                out.append(Generation(q.rid, "abort", q.prefix, list(q.spans)))
+        for g in self._ready:
+            out.append(Generation(g.request_id, "abort", g.n_tokens, g.version_spans))
+        self._ready = []
+        self._queue.clear()
+        self._seqs.clear()
+        self._n_waiting = 0
+        self._running = 0
+        self._events.clear()
+        return out
+
+    def load_weights(self, weights: Any, version: int) -> float:
+        self._version = version
+        for r in self._reps:
+            # Steps after boundary m use the new weights; the step in progress keeps the old.
+            m = r.s
+            if r.n and r.t < self._now - _EPS:
+                m += self._ceil_steps(r)
+            ms, mv = r.marks_s, r.marks_v
+            # Marks past m govern steps no one has run yet (after a pause): replace them.
+            while len(ms) > 1 and ms[-1] >= m:
+                ms.pop()
+                mv.pop()
+            if mv[-1] != version:
+                ms.append(m)
+                mv.append(version)
+        return self.cost.weight_sync_time()
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _advance(self, r: _Replica, k: int, t: float) -> None:
+        """Move replica `r` forward `k` decode steps, to boundary time `t`."""
+        if k <= 0:
+            return
+        r.t = t
+        r.s += k
+        r.kv += r.n * k
+        r.pre = 0.0
+        new = r.n * k
+        self._tokens += new
+        self.total_tokens += new
+
+    def _at_event(self, r: _Replica, t: float, finished: list[Generation]) -> None:
+        self._advance(r, r.ev_step - r.s, t)
+        r.wake = None
+        heap = r.heap
+        while heap and heap[0][0] <= r.s:
+            _, order, q = heapq.heappop(heap)
+            if q.order == order and q.state == _RUNNING:
+                finished.append(self._stop(r, q, q.reason))
+        if r.n and r.kv + r.n > self._kv_cap:
+            self._preempt(r)
+        self._fill(r)
+        self._schedule(r)
+        if self._n_waiting:
+            self._wake_others(r)
+
+    def _stop(self, r: _Replica, q: _Seq, reason: FinishReason) -> Generation:
+        """Remove running `q` from `r` at r's current boundary and report it."""
+        n_tokens = q.prefix + (r.s - q.start)
+        spans = q.spans
+        self._run_spans(r, q.start, r.s, spans)
+        r.n -= 1
+        r.kv -= q.prompt_len + n_tokens
+        self._running -= 1
+        q.state = _DONE
+        self._seqs.pop(q.rid, None)
+        return Generation(q.rid, reason, n_tokens, spans)
+
+    def _run_spans(self, r: _Replica, a: int, b: int, spans: VersionSpans) -> None:
+        """Append the versions of steps a+1..b of replica `r` to `spans`."""
+        ms, mv = r.marks_s, r.marks_v
+        if ms[-1] <= a:  # no weight update during the run: the common case
+            _add_span(spans, mv[-1], b - a)
+            return
+        i = bisect_right(ms, a) - 1
+        pos = a
+        while pos < b:
+            end = min(b, ms[i + 1]) if i + 1 < len(ms) else b
+            _add_span(spans, mv[i], end - pos)
+            pos = end
+            i += 1
+
+    def _preempt(self, r: _Replica) -> None:
+        stack = r.stack
+        while r.n and r.kv + r.n > self._kv_cap:
+            order, q = stack.pop()
+            if q.order != order or q.state != _RUNNING:
+                continue
+            toks = q.prefix + (r.s - q.start)
+            self._run_spans(r, q.start, r.s, q.spans)
+            r.n -= 1
+            r.kv -= q.prompt_len + toks
+            self._running -= 1
+            q.prefix = toks
+            q.state = _WAITING
+            q.order = -1  # invalidates its heap entry
+            self._queue.appendleft(q)
+            self._n_waiting += 1
+            self._head_changed = True
+            self.preemptions += 1
+
+    def _head(self) -> _Seq | None:
+        q = self._queue
+        while q and q[0].state != _WAITING:
+            q.popleft()
+        return q[0] if q else None
+
+    def _room(self, q: _Seq) -> int:
+        """KV tokens a replica needs, beyond what it holds and its running sequences' next
+        tokens, to start `q`."""
+        return q.prompt_len + q.prefix + 1 + self._watermark
+
+    def _start(self, r: _Replica, q: _Seq) -> None:
+        """Start waiting `q` (the queue head) on `r` at r's current boundary."""
+        self._queue.popleft()
+        self._n_waiting -= 1
+        self._head_changed = True
+        if r.n == 0:
+            # An idle replica has no step in progress: it starts now.
+            if r.t < self._now:
+                r.t = self._now
+            r.pre = 0.0
+        need = q.prompt_len + q.prefix
+        q.state = _RUNNING
+        q.rep = r
+        q.start = r.s
+        self._order += 1
+        q.order = order = self._order
+        heapq.heappush(r.heap, (r.s + q.final - q.prefix, order, q))
+        r.stack.append((order, q))
+        r.n += 1
+        r.kv += need
+        r.pre += self.cost.prefill_time(need)
+        self._running += 1
+        self._prefill += need
+        self.total_prefill_tokens += need
+        if len(r.stack) > 2 * r.n + 64:
+            r.stack = [(o, s) for o, s in r.stack if s.order == o and s.state == _RUNNING]
+
+    def _fill(self, r: _Replica) -> None:
+        """Start queued requests on `r` (at its current boundary) while they fit, in order."""
+        cap, max_seqs = self._kv_cap, self._max_seqs
+        while self._n_waiting and r.n < max_seqs:
+            q = self._head()
+            if q is None or r.kv + r.n + self._room(q) > cap:
+                return
+            self._start(r, q)
+
+    def _schedule(self, r: _Replica) -> None:
+        """Compute and post r's next event."""
+        r.ev += 1
+        if r.n == 0:
+            r.wake = None
+            return
+        heap = r.heap
+        while heap[0][1] != heap[0][2].order or heap[0][2].state != _RUNNING:
+            heapq.heappop(heap)  # stale: preempted or aborted
+        s_e = heap[0][0]
+        free = self._kv_cap - r.kv - r.n
+        s_e = min(s_e, r.s + free // r.n + 1 if free >= 0 else r.s, r.s + self.max_event_steps)
+        if r.wake is not None and r.wake < s_e:
+            s_e = r.wake
+        k = s_e - r.s
+        t = r.t + r.pre + self.cost.decode_steps_time(r.n, r.kv, k) if k > 0 else r.t
+        r.ev_step = s_e
+        self._tiebreak += 1
+        heapq.heappush(self._events, (t, self._tiebreak, r.idx, r.ev))
+
+    def _dispatch(self) -> None:
+        """Start queued requests on replicas that are at a boundary now, least loaded first."""
+        if not self._head_changed:
+            return  # the head is one every replica has already refused or been woken for
+        cap, max_seqs = self._kv_cap, self._max_seqs
+        touched: dict[int, _Replica] = {}
+        free = [r for r in self._reps if r.n == 0 or r.t >= self._now - _EPS]
+        while free and self._n_waiting:
+            q = self._head()
+            if q is None:
+                break
+            room = self._room(q)
+            best = None
+            for r in free:
+                if r.n < max_seqs and r.kv + r.n + room <= cap:
+                    if best is None or (r.n, r.kv) < (best.n, best.kv):
+                        best = r
+            if best is None:
+                break
+            self._start(best, q)
+            touched[best.idx] = best
+        for r in touched.values():
+            self._schedule(r)
+        self._wake_others(None)
+
+    def _wake_others(self, skip: _Replica | None) -> None:
+        """Replicas in mid-step that could take a new queue head do so at their next boundary.
+
+        A replica that cannot take the head now cannot until its own next event (its KV only
+        grows in between), where it tries again itself; so this pass is needed only when the
+        head changes.
+        """
+        cap, max_seqs, now = self._kv_cap, self._max_seqs, self._now - _EPS
+        while self._head_changed:
+            self._head_changed = False
+            q = self._head()
+            if q is None:
+                return
+            room = self._room(q)
+            for r in self._reps:
+                if r.wake is not None or r.n >= max_seqs or r.kv + r.n + room > cap:
+                    continue
+                if r is skip:
+                    continue
+                if r.n == 0 or r.t >= now:
+                    self._fill(r)  # at a boundary: start now
+                    self._schedule(r)
+                    if self._head_changed:
+                        break  # a new head: look at every replica again
+                    continue
+                w = r.s + self._ceil_steps(r)
+                if w < r.ev_step:
+                    r.wake = w
+                    self._schedule(r)
+
+    def _steps_time(self, r: _Replica, k: int) -> float:
+        return r.pre + self.cost.decode_steps_time(r.n, r.kv, k) if k > 0 else 0.0
+
+    def _ceil_steps(self, r: _Replica) -> int:
+        """Fewest steps that take mid-step replica `r` to a boundary at or after now."""
+        target = self._now - _EPS - r.t
+        lo, hi = 1, max(1, r.ev_step - r.s)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._steps_time(r, mid) >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _floor_steps(self, r: _Replica) -> int:
+        """Most steps replica `r` has completed by now."""
+        target = self._now + _EPS - r.t
+        lo, hi = 0, max(0, r.ev_step - r.s)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._steps_time(r, mid) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+class CostModelTrainer:
+    """Implements `sortedrl.scheduling.protocol.Trainer` in virtual time from the cost model.
+
+    `gpus` (or `gpu_fraction` of the preset's GPUs) is what training runs on: all of them when
+    colocated, the training share when an async run splits the GPUs.
+    """
+
+    virtual_time = True
+
+    def __init__(
+        self,
+        preset: str | ClusterSpec,
+        gpus: int | None = None,
+        gpu_fraction: float | None = None,
+        extra_forward_passes: int | None = None,
+    ):
+        spec = resolve_preset(preset)
+        if gpus is not None and gpu_fraction is not None:
+            raise ConfigError("give the trainer either gpus or gpu_fraction, not both")
+        if gpu_fraction is not None:
+            if not 0 < gpu_fraction <= 1:
+                raise ConfigError(f"gpu_fraction must be in (0, 1], got {gpu_fraction}")
+            gpus = max(1, round(spec.gpus * gpu_fraction))
+        self.gpus = spec.gpus if gpus is None else gpus
+        if self.gpus < 1:
+            raise ConfigError(f"the trainer needs at least one GPU, got {self.gpus}")
+        # Validate the preset itself (weights fit, KV room) with its own GPU count.
+        self.cost = CostModel(spec)
+        self.extra_forward_passes = extra_forward_passes
+
+    def update(self, batch: UpdateBatch) -> UpdateResult:
+        tokens = 0
+        sum_sq = 0.0
+        samples = 0
+        for g in batch.groups:
+            for s in g.samples:
+                seq = g.prompt_len + s.n_tokens
+                tokens += seq
+                sum_sq += seq * seq
+                samples += 1
+        elapsed = self.cost.update_time(
+            tokens, sum_sq, gpus=self.gpus, extra_forward_passes=self.extra_forward_passes
+        )
+        return UpdateResult(
+            elapsed_s=elapsed,
+            weights=batch.version + 1,
+            stats={"tokens": float(tokens), "samples": float(samples)},
+        )

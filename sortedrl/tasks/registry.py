@@ -1,0 +1,38 @@
+"""Tasks by name: `get_task("synthetic")`, `get_task("math", path="train.jsonl")`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from sortedrl.errors import ConfigError
+
+
+def _task_classes() -> dict[str, type]:
+    from sortedrl.tasks.knights_knaves import KnightsKnavesTask
+    from sortedrl.tasks.math import MathTask
+    from sortedrl.tasks.synthetic import SyntheticTask
+
+    return {"synthetic": SyntheticTask, "knights_knaves": KnightsKnavesTask, "math": MathTask}
+
+
+TASK_NAMES = ("synthetic", "knights_knaves", "math")
+
+
+def get_task(name: str, **kwargs: Any) -> Any:
+    """A task object by name; keyword arguments go to its constructor."""
+    classes = _task_classes()
+    if name not in classes:
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
+    cls = classes[name]
+    params = inspect.signature(cls).parameters
+    allowed = [p for p in params if not p.startswith("_") and p != "name"]
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if unknown:
+        raise ConfigError(
+            f"task {name!r}: unknown option(s) {', '.join(unknown)}; "
+            f"options: {', '.join(allowed) or '(none)'}"
+        )
+    if name == "math" and not kwargs.get("path"):
+        raise ConfigError("task 'math' needs a path: a .jsonl, .json or .parquet file of problems")
+    return cls(**kwargs)
