@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sortedrl train
+	$(BIN)/sortedrl simulate --json runs/simulate.json --plot runs/simulate.png
 
 simulate: $(STAMP)
 	$(BIN)/sortedrl simulate
@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check sortedrl tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_controller.py
+	$(BIN)/python benchmarks/bench_simulator.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -17,6 +17,16 @@ ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz +-*=:?\n.,"
 LOGPROB_TOL = 1e-4  # fp32, engine vs a plain forward pass
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a small shared CPU, torch's default intra-op threads spin against other processes and
+    # run this tiny model 10-100x slower than one thread does.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return build_char_tokenizer(ALPHABET)
@@ -173,13 +183,13 @@ def test_abort_running_and_queued(model, tok):
     eng.submit(reqs)
     for _ in range(4):
         assert not eng.step().finished
-    running = eng._rows[0].request.request_id
-    queued = reqs[-1].request_id
+    running, queued = reqs[1].request_id, reqs[-1].request_id
     out = eng.abort([running, queued, "no-such-id"])
     assert {g.request_id for g in out} == {running, queued}
     by_id = {g.request_id: g for g in out}
     assert all(g.finish_reason == "abort" for g in out)
-    assert by_id[running].n_tokens == 4 == len(by_id[running].token_ids) == spans_total(by_id[running])
+    aborted = by_id[running]
+    assert aborted.n_tokens == 5 == len(aborted.token_ids) == spans_total(aborted)
     assert by_id[queued].n_tokens == 0 and by_id[queued].token_ids == []
     assert eng.num_unfinished() == 4
     assert eng.abort([running]) == []  # already returned
@@ -262,11 +272,14 @@ def test_resume_already_complete(model, tok):
     assert sum(r.prefill_tokens for r in reports) == 0
 
 
-def test_load_weights_changes_versions_and_outputs(model, tok):
+@pytest.mark.parametrize("reprefill", [False, True])
+def test_load_weights_changes_versions_and_outputs(tok, reprefill):
     other = build_tiny_model(len(tok), seed=11, size="micro")
     engine_model = build_tiny_model(len(tok), seed=0, size="micro")
     reqs = make_requests(4, seed=10, min_new=30, max_new=30)
-    eng = TransformersEngine(engine_model, tok, capacity=4, stop_token_ids=[])
+    eng = TransformersEngine(
+        engine_model, tok, capacity=2, stop_token_ids=[], reprefill_on_load=reprefill
+    )
     eng.submit(reqs)
     for _ in range(10):
         eng.step()
@@ -274,13 +287,26 @@ def test_load_weights_changes_versions_and_outputs(model, tok):
     assert secs >= 0 and eng.version == 1
     for a, b in zip(engine_model.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
-    done, _ = run_all(eng)
-    for g in done.values():
-        assert g.version_spans == [(0, 10), (1, 20)]
-    # Tokens after the switch are scored by the new weights.
-    g = done["r0"]
-    lp = forward_logprobs(other, reqs[0].prompt_token_ids, g.token_ids)
-    assert (lp[10:] - torch.tensor(g.logprobs[10:])).abs().max().item() < LOGPROB_TOL
+    done, reports = run_all(eng)
+    # The first step prefills and decodes: 11 tokens by the old weights.
+    for rid in ("r0", "r1"):
+        assert done[rid].version_spans == [(0, 11), (1, 19)]
+    for rid in ("r2", "r3"):  # started after the switch
+        assert done[rid].version_spans == [(1, 30)]
+    for r in reqs:
+        g = done[r.request_id]
+        lp = forward_logprobs(other, r.prompt_token_ids, g.token_ids)
+        new = slice(11, None) if r.request_id in ("r0", "r1") else slice(None)
+        diff = (lp[new] - torch.tensor(g.logprobs[new])).abs().max().item()
+        if reprefill or r.request_id in ("r2", "r3"):
+            assert diff < LOGPROB_TOL
+        else:  # decoded on the cache the old weights computed
+            assert diff > LOGPROB_TOL
+    # After the switch: the newcomers' prompts, and with reprefill the running ones again.
+    expected = sum(r.prompt_len for r in reqs[2:])
+    if reprefill:
+        expected += sum(r.prompt_len + 11 for r in reqs[:2])
+    assert sum(r.prefill_tokens for r in reports) == expected
     with pytest.raises(ValueError, match="state dict"):
         eng.load_weights({"nope": torch.zeros(1)}, 2)
 

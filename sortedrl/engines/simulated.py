@@ -202,36 +202,47 @@ class SimulatedEngine:
         return len(self._seqs) + len(self._ready)
 
     def submit(self, requests: Sequence[Request]) -> None:
+        # Validate the whole batch first, so a bad request leaves the engine unchanged.
         cap_resp = min(self.spec.response_cap, self.workload.cap)
-        if not self._n_waiting:
-            self._head_changed = True
+        new: list[_Seq] = []
+        ready: list[Generation] = []
+        ids: set[str] = set()
         for req in requests:
-            if req.request_id in self._seqs:
-                raise ValueError(f"request id {req.request_id!r} is already in the engine")
+            rid = req.request_id
+            if rid in self._seqs or rid in ids:
+                raise ValueError(f"request id {rid!r} is already in the engine")
+            ids.add(rid)
             cap = min(req.max_new_tokens, cap_resp)
             if req.prompt_len < 0:
-                raise ValueError(f"request {req.request_id!r}: negative prompt_len")
+                raise ValueError(f"request {rid!r}: negative prompt_len")
             if req.prompt_len + cap + 1 > self._kv_cap:
                 raise ConfigError(
-                    f"request {req.request_id!r}: prompt ({req.prompt_len}) + response cap "
-                    f"({cap}) exceeds the KV cache of one replica ({self._kv_cap} tokens) "
-                    f"of preset '{self.spec.name}'"
+                    f"request {rid!r}: prompt ({req.prompt_len}) + response cap ({cap}) "
+                    f"exceeds the KV cache of one replica ({self._kv_cap} tokens) of preset "
+                    f"'{self.spec.name}'"
                 )
             natural = self.workload.length(req.prompt_id, req.sample_index, req.attempt)
             final = min(natural, cap)
             reason: FinishReason = "length" if natural >= cap else "stop"
-            q = _Seq(req.request_id, req.prompt_len, final, reason)
+            q = _Seq(rid, req.prompt_len, final, reason)
             if req.resume is not None:
                 q.prefix = req.resume.n_tokens
                 q.spans = list(req.resume.version_spans)
             if q.prefix >= q.final:
                 # Nothing left to generate (e.g. a partial cut exactly at its end).
                 fin: FinishReason = "length" if q.prefix >= cap else q.reason
-                self._ready.append(Generation(q.rid, fin, q.prefix, list(q.spans)))
-                continue
+                ready.append(Generation(rid, fin, q.prefix, q.spans))
+            else:
+                new.append(q)
+        self._ready += ready
+        if not new:
+            return
+        if not self._n_waiting:
+            self._head_changed = True
+        for q in new:
             self._seqs[q.rid] = q
-            self._queue.append(q)
-            self._n_waiting += 1
+        self._queue.extend(new)
+        self._n_waiting += len(new)
         self._dispatch()
 
     def step(self) -> StepReport:

@@ -234,6 +234,10 @@ class TransformersEngine:
         device, dtype: where and in which precision the model runs.
         min_admit: while sequences are running, wait until this many slots are free (or the
             queue fits) before prefilling newcomers; 1 admits at once.
+        reprefill_on_load: when `load_weights` changes the weights under running sequences,
+            drop their KV cache and re-prefill them (prompt + tokens so far) with the new
+            weights at the next `step`. Off by default: they continue on the KV cache the old
+            weights computed, as vLLM does.
     """
 
     def __init__(
@@ -248,6 +252,7 @@ class TransformersEngine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         min_admit: int = 1,
+        reprefill_on_load: bool = False,
     ):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -261,6 +266,7 @@ class TransformersEngine:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.min_admit = max(1, int(min_admit))
+        self.reprefill_on_load = bool(reprefill_on_load)
         if stop_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
             if eos is None:
@@ -349,7 +355,8 @@ class TransformersEngine:
         drop = [i for i, s in enumerate(self._rows) if s.request.request_id in wanted]
         for i in drop:
             out.append(self._rows[i].generation("abort"))
-        self._remove_rows(drop)
+        with torch.inference_mode():
+            self._remove_rows(drop)
         for g in out:
             self._ids.discard(g.request_id)
         return out
@@ -367,7 +374,13 @@ class TransformersEngine:
 
     def load_weights(self, weights: Any, version: int) -> float:
         """Copy `weights` (a state dict of tensors, or None for weights already in place) into
-        the model in place, and serve them as `version`."""
+        the model in place, and serve them as `version`.
+
+        Later tokens of running sequences carry `version`. Their keys and values so far were
+        computed by the old weights; unless `reprefill_on_load` is set, decoding continues on
+        that cache, and each reported log-prob is that of the distribution the token was
+        actually sampled from (new weights over the old cache).
+        """
         t0 = time.perf_counter()
         if weights is not None:
             if not isinstance(weights, Mapping):
@@ -386,6 +399,11 @@ class TransformersEngine:
                     if src.data_ptr() != dst.data_ptr():
                         dst.copy_(src)
         self._version = int(version)
+        if self.reprefill_on_load and self._rows:
+            # Back to the head of the queue, in row order; `_admit` prefills prompt + tokens.
+            self._queue.extendleft(reversed(self._rows))
+            self._rows = []
+            self._T = 0
         return time.perf_counter() - t0
 
     # --- internals --------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def plot_simulation(doc: dict[str, Any], path: str) -> None:
 
 def _save_atomic(fig: Any, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
     os.close(fd)
     try:

@@ -93,7 +93,7 @@ class LengthDistribution:
         return out
 
 
-_TERM_SPLIT = re.compile(r"\+(?=\s*(?:[^*+:]*\*)?\s*[A-Za-z_]+\s*:)")
+_TERM_SPLIT = re.compile(r"\+(?=\s*(?:[^*+:]*\*)?\s*[A-Za-z_]+\s*:|\s*$)")
 
 _PARAMS = {
     "lognormal": ({"median", "sigma"}, {"prompt_sigma"}),
