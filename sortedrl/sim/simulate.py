@@ -158,6 +158,8 @@ def simulate(
     CostModel(spec)  # validate the preset fits before spending time
     if s.prompts > len(workload):
         raise ConfigError(f"--prompts {s.prompts} exceeds the {len(workload)} prompts of the trace")
+    for name in s.policies:  # every setting checked before any time is spent
+        scheduler_config(s, name, spec.response_cap)
     results: dict[str, Any] = {}
     timelines: dict[str, Any] = {}
     for name in s.policies:
