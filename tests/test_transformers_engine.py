@@ -160,6 +160,20 @@ def test_logprobs_match_forward_pass(model, tok, temperature):
     assert worst < LOGPROB_TOL
 
 
+def test_kv_buffer_growth(model, tok, monkeypatch):
+    import sortedrl.engines.transformers_engine as te
+
+    monkeypatch.setattr(te, "INITIAL_COLUMNS", 4)
+    reqs = make_requests(6, seed=14, min_new=40, max_new=90, max_prompt=6)
+    eng = TransformersEngine(model, tok, capacity=2, stop_token_ids=[])
+    done, _ = run_all(eng, reqs)
+    assert eng.stats["compactions"] > 0 and eng._kv.columns > 2 * 6  # grew
+    for r in reqs:
+        g = done[r.request_id]
+        ref = forward_logprobs(model, r.prompt_token_ids, g.token_ids)
+        assert (ref - torch.tensor(g.logprobs)).abs().max().item() < LOGPROB_TOL
+
+
 def test_same_seed_same_output(model, tok):
     reqs = make_requests(8, seed=4)
     a, _ = run_all(TransformersEngine(model, tok, capacity=3, seed=7), reqs)
@@ -327,3 +341,64 @@ def test_bad_requests(model, tok):
         eng.submit([bad])
     with pytest.raises(ValueError):
         TransformersEngine(model, tok, capacity=0)
+
+
+@pytest.mark.parametrize("seed", [12, 13])
+def test_random_interleaving_keeps_every_request_and_exact_logprobs(model, tok, seed):
+    """Submit, step, abort, pause and resume at random; nothing is lost or duplicated, and
+    every response (resumed ones included) scores exactly as a plain forward pass."""
+    rng = random.Random(seed)
+    eng = TransformersEngine(model, tok, capacity=4, stop_token_ids={7, 8}, seed=seed)
+    pool = make_requests(30, seed=seed, max_new=40, max_prompt=35)
+    by_id = {r.request_id: r for r in pool}
+    final: dict[str, Generation] = {}
+    outstanding: set[str] = set()
+    resumes = 0
+
+    def resubmit(gens):
+        nonlocal resumes
+        new = []
+        for g in gens:
+            outstanding.discard(g.request_id)
+            r = by_id[g.request_id]
+            resumes += 1
+            rid = f"{g.request_id.split('~')[0]}~{resumes}"
+            by_id[rid] = Request(
+                rid,
+                r.prompt_id,
+                0,
+                0,
+                r.prompt_len,
+                r.max_new_tokens,
+                r.prompt_token_ids,
+                resume=g.as_partial(),
+            )
+            new.append(by_id[rid])
+        eng.submit(new)
+        outstanding.update(x.request_id for x in new)
+
+    while pool or outstanding:
+        action = rng.random()
+        if pool and action < 0.15:
+            batch = [pool.pop() for _ in range(min(len(pool), rng.randint(1, 5)))]
+            eng.submit(batch)
+            outstanding.update(r.request_id for r in batch)
+        elif outstanding and action < 0.2:
+            resubmit(eng.abort(rng.sample(sorted(outstanding), min(len(outstanding), 2))))
+        elif action < 0.23:
+            resubmit(eng.pause())
+        else:
+            rep = eng.step()
+            assert rep.busy_slot_s <= eng.capacity * rep.elapsed_s + 1e-12
+            for g in rep.finished:
+                outstanding.remove(g.request_id)
+                final[g.request_id.split("~")[0]] = g
+        assert eng.num_unfinished() == len(outstanding)
+    assert len(final) == 30 and resumes > 0
+    for rid, g in final.items():
+        r = by_id[rid]
+        assert g.finish_reason in ("stop", "length") and g.n_tokens <= r.max_new_tokens
+        assert len(g.token_ids) == len(g.logprobs) == spans_total(g) == g.n_tokens
+        if g.n_tokens:
+            ref = forward_logprobs(model, r.prompt_token_ids, g.token_ids)
+            assert (ref - torch.tensor(g.logprobs)).abs().max().item() < LOGPROB_TOL

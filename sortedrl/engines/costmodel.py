@@ -169,20 +169,27 @@ class CostModel:
         if k <= 0 or n <= 0:
             return 0.0
         # memory(j) = a1 + b1*j, compute(j) = a2 + b2*j
-        a1 = self._m0 + self._m1 * kv_tokens
-        b1 = self._m1 * n
-        a2 = self._c0 * n + self._c1 * kv_tokens
-        b2 = self._c1 * n
-        total = self.step_overhead_s * k
-        if b1 == b2:
-            return total + k * max(a1, a2) + b1 * k * (k - 1) / 2.0
-        # memory - compute = (a1 - a2) + (b1 - b2) * j changes sign once, at j = x.
-        x = (a2 - a1) / (b1 - b2)
+        m1, c1 = self._m1, self._c1
+        a1 = self._m0 + m1 * kv_tokens
+        b1 = m1 * n
+        a2 = self._c0 * n + c1 * kv_tokens
+        b2 = c1 * n
+        oh = self.step_overhead_s
+        last = k - 1
+        d0 = a1 - a2
+        d_last = d0 + (b1 - b2) * last
+        # Fast paths: one term dominates over the whole range (decode is usually memory bound).
+        if d0 >= 0 and d_last >= 0:
+            return k * (a1 + oh) + b1 * last * k / 2.0
+        if d0 <= 0 and d_last <= 0:
+            return k * (a2 + oh) + b2 * last * k / 2.0
+        # memory - compute = d0 + (b1 - b2) * j changes sign once, at j = x.
+        x = -d0 / (b1 - b2)
         split = min(max(math.ceil(x), 0), k)
         # Indices below `split` lie on one side of the crossing, the rest on the other.
-        lo = (a1, b1) if (a1 - a2) + (b1 - b2) * (split - 1) >= 0 else (a2, b2)
-        hi = (a1, b1) if (a1 - a2) + (b1 - b2) * split >= 0 else (a2, b2)
-        return total + _lin_sum(*lo, 0, split) + _lin_sum(*hi, split, k)
+        lo = (a1, b1) if d0 + (b1 - b2) * (split - 1) >= 0 else (a2, b2)
+        hi = (a1, b1) if d0 + (b1 - b2) * split >= 0 else (a2, b2)
+        return oh * k + _lin_sum(*lo, 0, split) + _lin_sum(*hi, split, k)
 
     def prefill_time(self, tokens: int) -> float:
         """Prefilling one sequence of `tokens` tokens (causal attention: ~t^2/2 pairs)."""

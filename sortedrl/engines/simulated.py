@@ -5,9 +5,9 @@ Model of the engine (what a vLLM deployment with data-parallel replicas does):
 - `gpus // tp` replicas, each an independent continuous-batching engine with at most
   `max_num_seqs` running sequences and a KV cache of `kv_capacity_tokens` tokens.
 - One FIFO waiting queue. A request starts on a replica at one of that replica's step
-  boundaries when the replica has a free slot and KV room for the prompt, the resumed prefix
-  and one more token for every running sequence; among replicas free at the same moment the
-  least loaded wins. A started request is prefilled (prompt + resumed tokens); the prefill
+  boundaries when the replica has a free slot and KV room for the prompt, the resumed prefix,
+  one more token for every running sequence and a watermark (1% of the cache, as vLLM V0);
+  among replicas free at the same moment the least loaded wins. A started request is prefilled (prompt + resumed tokens); the prefill
   time is added to that replica's next step.
 - Every decode step adds one token to each running sequence. Before a step, if the KV cache
   cannot hold the next token of every running sequence, the most recently started sequence
@@ -102,6 +102,7 @@ class _Replica:
         "wake",
         "ev",
         "ev_step",
+        "dirty",
     )
 
     def __init__(self, idx: int, version: int):
@@ -119,6 +120,7 @@ class _Replica:
         self.wake: int | None = None  # step boundary at which to take queued requests
         self.ev = 0  # id of the valid event in the engine heap
         self.ev_step = 0
+        self.dirty = False  # state changed since its event was computed
 
 
 def _add_span(spans: VersionSpans, version: int, n: int) -> None:
@@ -173,6 +175,14 @@ class SimulatedEngine:
         self._seqs: dict[str, _Seq] = {}  # waiting and running, by request id
         self._ready: list[Generation] = []  # finished without decoding, for the next step()
         self._events: list[tuple[float, int, int, int]] = []  # (time, tiebreak, replica, ev)
+        # Replicas whose next event must be recomputed before time advances. Deferring it
+        # lets a finish and the controller's follow-up submit share one computation.
+        self._dirty: list[_Replica] = []
+        pf = self.cost.spec.accelerator.prefill_mfu * self.cost.spec.accelerator.flops_per_s
+        m = self.spec.model
+        self._pf_lin = 2.0 * m.params / (self.cost.tp * pf)  # prefill s/token (cost model)
+        self._pf_quad = m.attn_flops_coef / 2.0 / (self.cost.tp * pf)
+        self._decode_time = self.cost.decode_steps_time
         self._tiebreak = 0
         self._order = 0
         self._running = 0
@@ -249,6 +259,8 @@ class SimulatedEngine:
         report = StepReport()
         if self._ready:
             report.finished, self._ready = self._ready, []
+        if self._dirty:
+            self._flush()
         events, reps = self._events, self._reps
         advanced = False
         # Process the earliest event, and every other event at that same moment.
@@ -301,7 +313,7 @@ class SimulatedEngine:
             touched[r.idx] = r
         for r in touched.values():
             self._fill(r)
-            self._schedule(r)
+            self._touch(r)
         self._head_changed = True
         self._wake_others(None)
         return out
@@ -318,6 +330,8 @@ class SimulatedEngine:
                 for order, q in r.stack:
                     if q.order == order and q.state == _RUNNING:
                         out.append(self._stop(r, q, "abort"))
+            # A weight update due at the dropped step's end applies from here on.
+            self._mark(r, r.s, self._version)
             r.heap.clear()
             r.stack.clear()
             r.n, r.kv, r.pre, r.wake = 0, 0, 0.0, None
@@ -335,6 +349,9 @@ class SimulatedEngine:
         self._n_waiting = 0
         self._running = 0
         self._events.clear()
+        for r in self._dirty:
+            r.dirty = False
+        self._dirty.clear()
         return out
 
     def load_weights(self, weights: Any, version: int) -> float:
@@ -344,17 +361,21 @@ class SimulatedEngine:
             m = r.s
             if r.n and r.t < self._now - _EPS:
                 m += self._ceil_steps(r)
-            ms, mv = r.marks_s, r.marks_v
-            # Marks past m govern steps no one has run yet (after a pause): replace them.
-            while len(ms) > 1 and ms[-1] >= m:
-                ms.pop()
-                mv.pop()
-            if mv[-1] != version:
-                ms.append(m)
-                mv.append(version)
+            self._mark(r, m, version)
         return self.cost.weight_sync_time()
 
     # --- internals --------------------------------------------------------------------------
+
+    def _mark(self, r: _Replica, m: int, version: int) -> None:
+        """Steps of `r` after boundary `m` run `version`."""
+        ms, mv = r.marks_s, r.marks_v
+        # Marks at or past m govern steps that have not run: the new mark replaces them.
+        while len(ms) > 1 and ms[-1] >= m:
+            ms.pop()
+            mv.pop()
+        if mv[-1] != version:
+            ms.append(m)
+            mv.append(version)
 
     def _advance(self, r: _Replica, k: int, t: float) -> None:
         """Move replica `r` forward `k` decode steps, to boundary time `t`."""
@@ -379,7 +400,7 @@ class SimulatedEngine:
         if r.n and r.kv + r.n > self._kv_cap:
             self._preempt(r)
         self._fill(r)
-        self._schedule(r)
+        self._touch(r)
         if self._n_waiting:
             self._wake_others(r)
 
@@ -459,7 +480,7 @@ class SimulatedEngine:
         r.stack.append((order, q))
         r.n += 1
         r.kv += need
-        r.pre += self.cost.prefill_time(need)
+        r.pre += need * (self._pf_lin + self._pf_quad * need)  # CostModel.prefill_time
         self._running += 1
         self._prefill += need
         self.total_prefill_tokens += need
@@ -474,6 +495,17 @@ class SimulatedEngine:
             if q is None or r.kv + r.n + self._room(q) > cap:
                 return
             self._start(r, q)
+
+    def _touch(self, r: _Replica) -> None:
+        if not r.dirty:
+            r.dirty = True
+            self._dirty.append(r)
+
+    def _flush(self) -> None:
+        for r in self._dirty:
+            r.dirty = False
+            self._schedule(r)
+        self._dirty.clear()
 
     def _schedule(self, r: _Replica) -> None:
         """Compute and post r's next event."""
@@ -490,7 +522,7 @@ class SimulatedEngine:
         if r.wake is not None and r.wake < s_e:
             s_e = r.wake
         k = s_e - r.s
-        t = r.t + r.pre + self.cost.decode_steps_time(r.n, r.kv, k) if k > 0 else r.t
+        t = r.t + r.pre + self._decode_time(r.n, r.kv, k) if k > 0 else r.t
         r.ev_step = s_e
         self._tiebreak += 1
         heapq.heappush(self._events, (t, self._tiebreak, r.idx, r.ev))
@@ -499,25 +531,23 @@ class SimulatedEngine:
         """Start queued requests on replicas that are at a boundary now, least loaded first."""
         if not self._head_changed:
             return  # the head is one every replica has already refused or been woken for
-        cap, max_seqs = self._kv_cap, self._max_seqs
-        touched: dict[int, _Replica] = {}
-        free = [r for r in self._reps if r.n == 0 or r.t >= self._now - _EPS]
-        while free and self._n_waiting:
+        cap, max_seqs, now = self._kv_cap, self._max_seqs, self._now - _EPS
+        reps = self._reps
+        while self._n_waiting:
             q = self._head()
             if q is None:
                 break
             room = self._room(q)
             best = None
-            for r in free:
-                if r.n < max_seqs and r.kv + r.n + room <= cap:
-                    if best is None or (r.n, r.kv) < (best.n, best.kv):
-                        best = r
+            for r in reps:
+                if r.n >= max_seqs or r.kv + r.n + room > cap or (r.n and r.t < now):
+                    continue  # full, or in mid-step
+                if best is None or r.n < best.n or (r.n == best.n and r.kv < best.kv):
+                    best = r
             if best is None:
                 break
             self._start(best, q)
-            touched[best.idx] = best
-        for r in touched.values():
-            self._schedule(r)
+            self._touch(best)
         self._wake_others(None)
 
     def _wake_others(self, skip: _Replica | None) -> None:
@@ -541,17 +571,17 @@ class SimulatedEngine:
                     continue
                 if r.n == 0 or r.t >= now:
                     self._fill(r)  # at a boundary: start now
-                    self._schedule(r)
+                    self._touch(r)
                     if self._head_changed:
                         break  # a new head: look at every replica again
                     continue
                 w = r.s + self._ceil_steps(r)
                 if w < r.ev_step:
                     r.wake = w
-                    self._schedule(r)
+                    self._touch(r)
 
     def _steps_time(self, r: _Replica, k: int) -> float:
-        return r.pre + self.cost.decode_steps_time(r.n, r.kv, k) if k > 0 else 0.0
+        return r.pre + self._decode_time(r.n, r.kv, k) if k > 0 else 0.0
 
     def _ceil_steps(self, r: _Replica) -> int:
         """Fewest steps that take mid-step replica `r` to a boundary at or after now."""

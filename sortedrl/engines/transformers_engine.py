@@ -57,6 +57,9 @@ from sortedrl.scheduling.protocol import Generation, Request, StepReport, Versio
 
 __all__ = ["TransformersEngine"]
 
+#: KV columns allocated at first; the buffers grow by half when a batch needs more.
+INITIAL_COLUMNS = 256
+
 
 # --- the KV cache -----------------------------------------------------------------------------
 
@@ -500,7 +503,9 @@ class TransformersEngine:
         lens = [len(x) for x in seqs]
         P, n, B = max(lens), len(new), len(self._rows)
         if self._kv is None:
-            self._kv = _SlotKV(self._num_layers, self._capacity, columns=max(256, 2 * P))
+            self._kv = _SlotKV(
+                self._num_layers, self._capacity, columns=max(INITIAL_COLUMNS, 2 * P)
+            )
         kv = self._kv
         if self._T < P:  # shift the running rows right so the newcomers fit left of column T
             d = P - self._T

@@ -1,0 +1,1 @@
+"""Implementations of the `sortedrl` commands that need torch (imported lazily by the CLI)."""

@@ -1,0 +1,420 @@
+"""`sortedrl train`: GRPO on a task with the transformers rollout engine under a scheduling
+policy, with metrics (JSONL, TensorBoard), evaluation before/after, a report PNG and the model.
+
+Outputs in `out_dir`:
+
+* `metrics.jsonl`: one line per update (step, policy_version, reward_mean, accuracy, ...);
+* `tb/`: the same scalars for TensorBoard;
+* `model/`: the final model and tokenizer (Hugging Face format, safetensors);
+* `report.png`: reward / accuracy per update and the engine occupancy over time;
+* `summary.json`: eval_before, eval_after, bubble_ratio, wall_time_s and the run summary.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sortedrl.config import TrainConfig
+from sortedrl.errors import ConfigError
+from sortedrl.io import write_json_atomic
+from sortedrl.tasks.base import Problem
+
+_CACHE_FORMAT = 1  # bump when the warm start changes meaning
+
+
+# --- task and model ---------------------------------------------------------------------------
+
+
+def build_task(cfg: TrainConfig) -> Any:
+    from sortedrl.tasks.registry import get_task
+
+    t = cfg.task
+    if t.name == "math":
+        return get_task("math", path=t.path, test_path=t.eval_path)
+    if t.path or t.eval_path:
+        raise ConfigError(f"task.path: only the math task reads a file, not {t.name!r}")
+    return get_task(t.name)
+
+
+def cache_root() -> Path:
+    env = os.environ.get("SORTEDRL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "sortedrl"
+
+
+def _warm_start_problems(cfg: TrainConfig, task: Any) -> list[Problem]:
+    # Train-split problems, drawn with their own seed so the warm start covers more of the
+    # distribution than the RL prompts alone.
+    return task.problems("train", max(cfg.task.train_prompts, 1024), seed=cfg.seed + 7919)
+
+
+def tiny_cache_key(cfg: TrainConfig, task: Any) -> str:
+    doc = {
+        "format": _CACHE_FORMAT,
+        "task": repr(task),
+        "alphabet": task.alphabet,
+        "size": cfg.model.tiny_size,
+        "steps": cfg.model.warm_start_steps,
+        "batch": cfg.model.warm_start_batch,
+        "lr": cfg.model.warm_start_lr,
+        "seed": cfg.seed,
+        "n": max(cfg.task.train_prompts, 1024),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_model(cfg: TrainConfig, task: Any | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer): from `cfg.model.path`, or the embedded tiny model, warm-started on
+    reference solutions of the task and cached under $SORTEDRL_CACHE (~/.cache/sortedrl)."""
+    if cfg.model.path:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        p = Path(cfg.model.path)
+        if not p.is_dir():
+            raise ConfigError(f"model.path: {p} is not a directory")
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.path: {p} is not a model directory (no config.json)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path: cannot load {p}: {e}") from None
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+
+    from sortedrl.models.tiny import (
+        MODEL_SIZES,
+        build_char_tokenizer,
+        build_tiny_model,
+        load_tiny,
+        save_tiny,
+    )
+
+    task = task if task is not None else build_task(cfg)
+    alphabet = getattr(task, "alphabet", None)
+    if not alphabet:
+        raise ConfigError(
+            f"model.path: task {cfg.task.name!r} has no fixed alphabet for the embedded tiny "
+            "model; give a Hugging Face model directory"
+        )
+    if cfg.model.tiny_size not in MODEL_SIZES:
+        raise ConfigError(
+            f"model.tiny_size: unknown size {cfg.model.tiny_size!r}; "
+            f"choose one of {', '.join(sorted(MODEL_SIZES))}"
+        )
+    target = cache_root() / f"tiny-{tiny_cache_key(cfg, task)}"
+    if (target / "config.json").is_file():
+        try:
+            return load_tiny(target)
+        except Exception:  # a damaged cache entry: rebuild it
+            shutil.rmtree(target, ignore_errors=True)
+
+    tokenizer = build_char_tokenizer(alphabet)
+    model = build_tiny_model(len(tokenizer), cfg.seed, cfg.model.tiny_size)
+    if cfg.model.warm_start_steps > 0:
+        from sortedrl.training.sft import supervised_warm_start
+
+        examples = [(p.prompt, task.reference_solution(p)) for p in _warm_start_problems(cfg, task)]
+        supervised_warm_start(
+            model,
+            tokenizer,
+            examples,
+            steps=cfg.model.warm_start_steps,
+            batch_size=cfg.model.warm_start_batch,
+            lr=cfg.model.warm_start_lr,
+            seed=cfg.seed,
+            device=cfg.model.device,
+        )
+    model.to("cpu").eval()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tiny-"))
+        try:
+            save_tiny(model, tokenizer, tmp)
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    except OSError:
+        pass  # an unwritable cache is not fatal
+    return model, tokenizer
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def _eval(cfg: TrainConfig, model: Any, tokenizer: Any, task: Any, problems: list[Problem]):
+    from sortedrl.commands.evaluate import evaluate
+
+    return evaluate(
+        model,
+        tokenizer,
+        task,
+        problems,
+        samples=cfg.eval.samples,
+        temperature=cfg.eval.temperature,
+        capacity=cfg.rollout.capacity,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=cfg.seed,
+        device=cfg.model.device,
+    )
+
+
+def _make_score_fn(cfg: TrainConfig, task: Any) -> tuple[Any, Any]:
+    """(score(problem, response) -> Score-like, closer)."""
+    from sortedrl.tasks.rewards import RewardRunner, load_reward_fn
+
+    target: Any = load_reward_fn(cfg.task.reward_fn) if cfg.task.reward_fn else task
+    if cfg.task.reward_workers > 0 or cfg.task.reward_fn:
+        runner = RewardRunner(
+            target, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers
+        )
+        return runner, runner.close
+    return task, (lambda: None)
+
+
+def expected_updates(cfg: TrainConfig) -> int:
+    n = math.ceil(cfg.task.train_prompts / cfg.scheduler.update_batch)
+    return min(n, cfg.max_updates) if cfg.max_updates else n
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    import torch
+
+    from sortedrl.commands.evaluate import decode, prompt_token_ids
+    from sortedrl.engines.transformers_engine import TransformersEngine
+    from sortedrl.scheduling.controller import Controller
+    from sortedrl.scheduling.loop import run
+    from sortedrl.scheduling.state import PromptSpec
+    from sortedrl.training.trainer import GRPOTrainer
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sched_cfg = cfg.scheduler_config()
+    task = build_task(cfg)
+    train_problems = task.problems("train", cfg.task.train_prompts, seed=cfg.seed)
+    eval_problems = task.problems("test", cfg.task.eval_prompts, seed=cfg.seed)
+    if not train_problems:
+        raise ConfigError("task: no training problems")
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = prepare_model(cfg, task)
+    t_model = time.perf_counter() - t_start
+    device = cfg.model.device
+
+    evals: list[dict[str, Any]] = []
+    eval_before = _eval(cfg, model, tokenizer, task, eval_problems)
+    evals.append({"step": 0, **eval_before})
+
+    problems_by_id: dict[str, Problem] = {}
+    specs = []
+    for p in train_problems:
+        if p.prompt_id in problems_by_id:
+            raise ConfigError(f"task: duplicate prompt id {p.prompt_id!r}")
+        problems_by_id[p.prompt_id] = p
+        ids = prompt_token_ids(tokenizer, p.prompt)
+        specs.append(PromptSpec(p.prompt_id, len(ids), ids))
+
+    engine = TransformersEngine(
+        copy.deepcopy(model),
+        tokenizer,
+        capacity=cfg.rollout.capacity,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        seed=cfg.seed,
+        device=device,
+    )
+    trainer = GRPOTrainer(model, cfg.trainer, device=device)
+    model.train()
+    controller = Controller(sched_cfg, specs)
+
+    score_fn, close_scorer = _make_score_fn(cfg, task)
+    scores: dict[tuple[str, int], Any] = {}
+
+    def scorer(generations, keys):
+        t0 = time.perf_counter()
+        items = [
+            (problems_by_id[pid], decode(tokenizer, g.token_ids))
+            for g, (pid, _) in zip(generations, keys, strict=True)
+        ]
+        if hasattr(score_fn, "score_batch"):
+            results = score_fn.score_batch(items)
+        else:
+            results = [score_fn.score(p, r) for p, r in items]
+        for key, s in zip(keys, results, strict=True):
+            scores[tuple(key)] = s
+        return [float(s.reward) for s in results], time.perf_counter() - t0
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(out / "tb"))
+    metrics_path = out / "metrics.jsonl"
+    metrics_file = open(metrics_path, "w", encoding="utf-8")  # noqa: SIM115
+    history: list[dict[str, Any]] = []
+    samples_trained = 0
+    total = expected_updates(cfg)
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("updates"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    )
+    bar_task = bar.add_task("train", total=total, info="")
+
+    def on_update(record, batch, result) -> None:
+        nonlocal samples_trained
+        n_correct = n = 0
+        for g in batch.groups:
+            for s in g.samples:
+                sc = scores.get((g.prompt_id, s.sample_index))
+                n += 1
+                n_correct += int(bool(sc is not None and sc.correct))
+        samples_trained += record.samples
+        line: dict[str, Any] = {
+            "step": record.step,
+            "policy_version": record.policy_version,
+            "reward_mean": record.reward_mean,
+            "accuracy": n_correct / n if n else 0.0,
+            "response_len_mean": record.mean_response_len,
+            "bubble_ratio": record.bubble_ratio,
+            "max_staleness": record.max_staleness,
+            "mean_staleness": record.mean_staleness,
+            "groups": record.groups,
+            "samples": record.samples,
+            "tokens": record.tokens,
+            "samples_trained": samples_trained,
+            "skipped": record.skipped,
+            "time_s": time.perf_counter() - t_start,
+            "loop_time_s": record.time_s,
+        }
+        for k, v in record.stats.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                line[f"train/{k}"] = float(v)
+        if cfg.eval.every_updates and record.step % cfg.eval.every_updates == 0:
+            ev = _eval(cfg, model, tokenizer, task, eval_problems)
+            evals.append({"step": record.step, **ev})
+            line["eval_accuracy"] = ev["accuracy"]
+            line["eval_mean_reward"] = ev["mean_reward"]
+        history.append(line)
+        metrics_file.write(json.dumps(line) + "\n")
+        metrics_file.flush()
+        for k, v in line.items():
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
+                writer.add_scalar(k if "/" in k else f"rl/{k}", v, record.step)
+        bar.update(
+            bar_task,
+            advance=1,
+            info=f"reward {record.reward_mean:.3f} acc {line['accuracy']:.2f} "
+            f"len {record.mean_response_len:.0f}",
+        )
+
+    try:
+        with bar:
+            result = run(
+                controller,
+                engine,
+                trainer,
+                scorer=scorer,
+                on_update=on_update,
+                max_updates=cfg.max_updates,
+            )
+    finally:
+        metrics_file.close()
+        close_scorer()
+
+    model.eval()
+    eval_after = _eval(cfg, model, tokenizer, task, eval_problems)
+    if not evals or evals[-1]["step"] != len(history):
+        evals.append({"step": len(history), **eval_after})
+    for k in ("accuracy", "mean_reward", "response_len_mean"):
+        writer.add_scalar(f"eval/{k}", eval_before[k], 0)
+        writer.add_scalar(f"eval/{k}", eval_after[k], len(history))
+    writer.close()
+
+    model_dir = out / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+
+    times, occupancy = result.clock.timeline.series()
+    try:
+        plot_report(out / "report.png", history, evals, times, occupancy, engine.capacity)
+    except Exception as e:  # a report is not worth losing the run over
+        print(f"warning: report.png not written: {e}")
+
+    summary = {
+        **result.summary,
+        "loop_time_s": result.summary["wall_time_s"],
+        "wall_time_s": time.perf_counter() - t_start,
+        "model_time_s": t_model,
+        "eval_before": eval_before,
+        "eval_after": eval_after,
+        "evals": evals,
+        "bubble_ratio": result.summary["bubble_ratio"],
+        "engine_stats": dict(engine.stats),
+        "config": cfg.model_dump(mode="json"),
+        "out_dir": str(out),
+    }
+    write_json_atomic(str(out / "summary.json"), summary)
+    return summary
+
+
+def plot_report(
+    path: Path,
+    history: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    times: list[float],
+    occupancy: list[float],
+    capacity: int,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7))
+    steps = [h["step"] for h in history]
+    ax1.plot(steps, [h["reward_mean"] for h in history], label="train reward")
+    ax1.plot(steps, [h["accuracy"] for h in history], label="train accuracy")
+    if evals:
+        ax1.plot(
+            [e["step"] for e in evals], [e["accuracy"] for e in evals], "o--", label="eval accuracy"
+        )
+    ax1.set_xlabel("update")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.legend(loc="best")
+    ax1.set_title("reward and accuracy")
+    ax2.plot(times, occupancy, drawstyle="steps-post")
+    ax2.axhline(capacity, color="grey", linestyle=":", label=f"capacity {capacity}")
+    ax2.set_xlabel("run time (s, generating)")
+    ax2.set_ylabel("running sequences")
+    ax2.set_title("engine occupancy")
+    ax2.legend(loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
