@@ -168,5 +168,30 @@ def _print_sim_table(doc: dict[str, Any]) -> None:
     out.print(table)
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--config", "config_path", type=click.Path(), help="YAML file of settings")
+@click.option("--out", "out_dir", default="runs/train", show_default=True, help="output folder")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.argument("overrides", nargs=-1)
+@friendly_errors
+def train(
+    config_path: str | None, out_dir: str, no_progress: bool, overrides: tuple[str, ...]
+) -> None:
+    """RL-train a model on a task (GRPO, transformers engine); KEY=VALUE overrides settings,
+    e.g. `rollout.group_size=8 scheduler.policy=sync`."""
+    from sortedrl.commands.train import train as run_train
+    from sortedrl.config import load_config
+
+    cfg = load_config(config_path, list(overrides))
+    s = run_train(cfg, out_dir, progress=not no_progress)
+    b, a = s["eval_before"], s["eval_after"]
+    out.print(
+        f"eval accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
+        f"mean reward {b['mean_reward']:.3f} -> {a['mean_reward']:.3f}; "
+        f"bubble ratio {s['bubble_ratio']:.1%}; {s['updates']} updates in {s['wall_time_s']:.0f} s"
+    )
+    console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, report.png, model/, tb/")
+
+
 if __name__ == "__main__":
     main()

@@ -188,6 +188,7 @@ def expected_updates(cfg: TrainConfig) -> int:
 
 def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from sortedrl.commands.evaluate import decode, prompt_token_ids
     from sortedrl.engines.transformers_engine import TransformersEngine
@@ -196,6 +197,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     from sortedrl.scheduling.state import PromptSpec
     from sortedrl.training.trainer import GRPOTrainer
 
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

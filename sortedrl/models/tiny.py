@@ -24,7 +24,7 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 #: Named model sizes: hidden, layers, attention heads, KV heads, MLP width.
 MODEL_SIZES: dict[str, dict[str, int]] = {
-    # ~0.2M parameters: for fast tests.
+    # ~0.1M parameters: for fast tests.
     "micro": dict(
         hidden_size=64,
         num_hidden_layers=2,

@@ -1,0 +1,101 @@
+"""End to end: `train` with a tiny budget writes every output, and the counts balance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from sortedrl.config import load_config  # noqa: E402
+
+TINY = [
+    "task.train_prompts=16",
+    "task.eval_prompts=8",
+    "model.warm_start_steps=5",
+    "model.warm_start_batch=8",
+    "rollout.group_size=2",
+    "rollout.capacity=8",
+    "scheduler.update_batch=2",
+    "scheduler.rollout_batch=4",
+    "rollout.max_new_tokens=32",
+]
+
+
+def test_train_writes_outputs_and_counts_balance(tmp_path, monkeypatch):
+    from sortedrl.commands.train import train
+
+    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    cfg = load_config(None, TINY)
+    summary = train(cfg, out, progress=False)
+
+    for name in ("metrics.jsonl", "summary.json", "report.png"):
+        assert (out / name).is_file(), name
+    assert (out / "model" / "config.json").is_file()
+    assert (out / "model" / "model.safetensors").is_file()
+    assert any((out / "tb").iterdir())
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    doc = json.loads((out / "summary.json").read_text())
+    for key in ("eval_before", "eval_after", "bubble_ratio", "wall_time_s", "updates"):
+        assert key in doc, key
+    for ev in (doc["eval_before"], doc["eval_after"]):
+        assert 0.0 <= ev["pass@1"] <= 1.0
+        assert {"accuracy", "mean_reward", "response_len_mean"} <= set(ev)
+    assert summary["updates"] == doc["updates"]
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == doc["updates"] >= 1
+    for line in lines:
+        for key in (
+            "step",
+            "policy_version",
+            "reward_mean",
+            "accuracy",
+            "response_len_mean",
+            "bubble_ratio",
+            "max_staleness",
+            "samples_trained",
+            "time_s",
+        ):
+            assert key in line, key
+        assert 0.0 <= line["accuracy"] <= 1.0
+    assert [x["step"] for x in lines] == list(range(1, len(lines) + 1))
+    assert lines[-1]["samples_trained"] == doc["samples_trained"]
+    assert sum(x["samples"] for x in lines) == doc["samples_trained"]
+
+    # Every admitted prompt is trained, dropped or in flight; one epoch admits all 16.
+    assert doc["prompts_admitted"] == 16
+    assert doc["prompts_admitted"] == (
+        doc["prompts_trained"] + doc["prompts_dropped"] + doc["prompts_in_flight"]
+    )
+    assert doc["samples_trained"] == 2 * doc["prompts_trained"]
+    assert doc["tokens_generated"] == (
+        doc["tokens_trained"] + doc["tokens_wasted"] + doc["tokens_in_flight"]
+    )
+
+    # The warm-started tiny model was cached and is reused.
+    cached = list((tmp_path / "cache").glob("tiny-*"))
+    assert len(cached) == 1 and (cached[0] / "config.json").is_file()
+
+
+def test_train_cli_bad_override_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from sortedrl.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--out", str(tmp_path), "rollout.group_size=0"])
+    assert res.exit_code == 2
+    assert "rollout.group_size" in res.output
+
+
+def test_missing_model_path_is_a_config_error(tmp_path):
+    from sortedrl.commands.train import prepare_model
+    from sortedrl.errors import ConfigError
+
+    cfg = load_config(None, [f"model.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="config.json"):
+        prepare_model(cfg)
