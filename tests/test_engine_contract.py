@@ -49,6 +49,7 @@ def _transformers() -> Harness:
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # sharp distributions: greedy has no near-ties
     engine = TransformersEngine(model, tok, capacity=6, temperature=0.0, stop_token_ids=[])
+
     def prompt(i: int) -> list[int]:
         rng = random.Random(i)
         return [1] + [rng.randrange(4, len(tok)) for _ in range(2 + i % 5)]

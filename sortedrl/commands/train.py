@@ -411,7 +411,7 @@ def plot_report(
     ax1.set_title("reward and accuracy")
     ax2.plot(times, occupancy, drawstyle="steps-post")
     ax2.axhline(capacity, color="grey", linestyle=":", label=f"capacity {capacity}")
-    ax2.set_xlabel("run time (s, generating)")
+    ax2.set_xlabel("run loop time (s)")
     ax2.set_ylabel("running sequences")
     ax2.set_title("engine occupancy")
     ax2.legend(loc="best")

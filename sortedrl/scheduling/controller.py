@@ -25,13 +25,16 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
 
 from sortedrl.scheduling.buffer import RolloutBuffer
 from sortedrl.scheduling.config import SchedulerConfig
-from sortedrl.scheduling.metrics import Ledger
+from sortedrl.scheduling.metrics import Ledger, UpdateRecord
 from sortedrl.scheduling.policies import Policy, make_policy
 from sortedrl.scheduling.protocol import (
     Generation,
+    Partial,
     Request,
     TrainGroup,
     TrainSample,
@@ -96,6 +99,7 @@ class Controller:
         return len(self._running)
 
     def num_queued(self) -> int:
+        assert self._n_queued >= 0
         return self._n_queued
 
     @property
@@ -134,7 +138,7 @@ class Controller:
     def _enqueue(self, seq: Seq, priority: int) -> None:
         if seq.group.protected:
             priority = _PROTECTED
-        if seq.state is not SeqState.QUEUED:
+        if seq.state is not SeqState.QUEUED or seq.ticket < 0:  # not yet counted as queued
             self._n_queued += 1
         seq.state = SeqState.QUEUED
         seq.ticket = self._tickets  # any older entry of this seq is now dead
@@ -387,3 +391,146 @@ class Controller:
 def _oldest(group: Group) -> int:
     """Version of a complete group's oldest token: the closest to the staleness limit."""
     return min(s.content.version_spans[0][0] for s in group.seqs if s.content and s.n_tokens)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+# The controller's whole state as plain JSON-able data (no pickle): taken between updates with
+# nothing running in the engine (pause it first), restored into a controller built with the
+# same config and the same prompt source.
+
+
+def _seq_state(seq: Seq) -> dict[str, Any]:
+    c = seq.content
+    return {
+        "index": seq.index,
+        "attempt": seq.attempt,
+        "state": seq.state.value,
+        "finish_reason": seq.finish_reason,
+        "reward": seq.reward,
+        "content": None
+        if c is None
+        else {
+            "n_tokens": c.n_tokens,
+            "version_spans": [list(x) for x in c.version_spans],
+            "token_ids": c.token_ids,
+            "logprobs": c.logprobs,
+        },
+    }
+
+
+def controller_state(ctl: Controller) -> dict[str, Any]:
+    """Everything needed to go on exactly where `ctl` is; raises if the engine still runs
+    responses or an update is in progress."""
+    if ctl._running:
+        raise RuntimeError("checkpoint with responses still in the engine: pause it first")
+    if ctl._in_update is not None:
+        raise RuntimeError("checkpoint during an update")
+    queue = sorted(e for e in ctl._queue if e[2].ticket == e[1] and e[2].state is SeqState.QUEUED)
+    ledger = ctl.ledger
+    return {
+        "format": 1,
+        "config": ctl.config.model_dump(),
+        "version": ctl._version,
+        "admitted": ctl._admitted,
+        "dropped_groups": ctl._dropped_groups,
+        "next_request": ctl._next_request,
+        "groups": [
+            {
+                "prompt_id": g.spec.prompt_id,
+                "prompt_len": g.spec.prompt_len,
+                "prompt_token_ids": g.spec.prompt_token_ids,
+                "order": g.order,
+                "round": g.round,
+                "state": g.state.value,
+                "n_finished": g.n_finished,
+                "regenerations": g.regenerations,
+                "protected": g.protected,
+                "completed_seq": g.completed_seq,
+                "seqs": [_seq_state(s) for s in g.seqs],
+            }
+            for g in ctl._groups.values()
+        ],
+        "queue": [[p, s.group.order, s.index] for p, _, s in queue],
+        "complete": [g.order for g in ctl.buffer.complete_groups()],
+        "completions": ctl.buffer._completions,
+        "cached": [[s.group.order, s.index] for s in ctl.buffer._cached],
+        "protect_waitlist": [g.order for g in ctl._protect_waitlist if g.open],
+        "ledger": {
+            "prompts_admitted": ledger.prompts_admitted,
+            "prompts_trained": ledger.prompts_trained,
+            "prompts_dropped": dict(ledger.prompts_dropped),
+            "samples_trained": ledger.samples_trained,
+            "tokens_generated": ledger.tokens_generated,
+            "tokens_trained": ledger.tokens_trained,
+            "tokens_wasted": dict(ledger.tokens_wasted),
+            "staleness_hist": {str(k): v for k, v in ledger.staleness_hist.items()},
+            "regenerations": ledger.regenerations,
+            "updates": [asdict(u) for u in ledger.updates],
+        },
+    }
+
+
+def restore_controller(
+    config: SchedulerConfig, prompts: Iterable[PromptSpec], state: dict[str, Any]
+) -> Controller:
+    """A controller that goes on from `state` (see `controller_state`). `prompts` must be the
+    same source the checkpointed run used; the ones it had admitted are skipped."""
+    if state.get("format") != 1:
+        raise ValueError(f"unknown controller checkpoint format {state.get('format')!r}")
+    saved = SchedulerConfig.model_validate(state["config"])
+    if saved != config:
+        diff = sorted(
+            k for k in type(config).model_fields if getattr(saved, k) != getattr(config, k)
+        )
+        raise ValueError(f"scheduler settings differ from the checkpoint's: {', '.join(diff)}")
+    it = iter(prompts)
+    for _ in range(state["admitted"]):
+        if next(it, None) is None:
+            raise ValueError("the prompt source is shorter than what the checkpoint admitted")
+    ctl = Controller(config, it)
+    ctl._version = state["version"]
+    ctl._admitted = state["admitted"]
+    ctl._dropped_groups = state["dropped_groups"]
+    ctl._next_request = state["next_request"]
+    for gs in state["groups"]:
+        spec = PromptSpec(gs["prompt_id"], gs["prompt_len"], gs["prompt_token_ids"])
+        group = Group(spec, gs["order"], gs["round"])
+        group.state = GroupState(gs["state"])
+        group.n_finished = gs["n_finished"]
+        group.regenerations = gs["regenerations"]
+        group.protected = gs["protected"]
+        group.completed_seq = gs["completed_seq"]
+        for ss in gs["seqs"]:
+            seq = Seq(group, ss["index"], ss["attempt"], SeqState(ss["state"]))
+            seq.finish_reason = ss["finish_reason"]
+            seq.reward = ss["reward"]
+            c = ss["content"]
+            if c is not None:
+                spans = [(int(v), int(n)) for v, n in c["version_spans"]]
+                seq.content = Partial(c["n_tokens"], spans, c["token_ids"], c["logprobs"])
+            seq.submitted_prefix = seq.n_tokens
+            group.seqs.append(seq)
+        ctl._groups[group.order] = group
+        if group.protected:
+            ctl._n_protected += 1
+    groups = ctl._groups
+    for order in state["complete"]:
+        ctl.buffer._complete[order] = groups[order]
+    ctl.buffer._completions = state["completions"]
+    for order, index in state["cached"]:
+        ctl.buffer._cached.append(groups[order].seqs[index])
+    for priority, order, index in state["queue"]:
+        ctl._enqueue(groups[order].seqs[index], priority)
+    ctl._protect_waitlist.extend(groups[o] for o in state["protect_waitlist"])
+    lg, ledger = state["ledger"], ctl.ledger
+    ledger.prompts_admitted = lg["prompts_admitted"]
+    ledger.prompts_trained = lg["prompts_trained"]
+    ledger.prompts_dropped.update(lg["prompts_dropped"])
+    ledger.samples_trained = lg["samples_trained"]
+    ledger.tokens_generated = lg["tokens_generated"]
+    ledger.tokens_trained = lg["tokens_trained"]
+    ledger.tokens_wasted.update(lg["tokens_wasted"])
+    ledger.staleness_hist.update({int(k): v for k, v in lg["staleness_hist"].items()})
+    ledger.regenerations = lg["regenerations"]
+    ledger.updates = [UpdateRecord(**u) for u in lg["updates"]]
+    return ctl
