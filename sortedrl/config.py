@@ -33,7 +33,7 @@ class ModelSection(BaseModel):
 
 class TaskSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Literal["synthetic", "knights_knaves", "math"] = "synthetic"
+    name: Literal["reverse", "countdown", "knights_knaves", "math"] = "reverse"
     path: str | None = Field(None, description="math: a JSONL or Parquet file of problems")
     eval_path: str | None = Field(None, description="math: held-out problems (default: path)")
     train_prompts: int = Field(320, ge=1, description="prompts of RL data (one epoch)")

@@ -8,19 +8,19 @@ from sortedrl.tasks.synthetic import SyntheticTask
 
 
 def test_get_task(tmp_path):
-    assert isinstance(get_task("synthetic"), SyntheticTask)
-    assert get_task("synthetic", max_steps=5).max_steps == 5
+    assert isinstance(get_task("countdown"), SyntheticTask)
+    assert get_task("countdown", max_steps=5).max_steps == 5
     assert isinstance(get_task("knights_knaves", max_people=3), KnightsKnavesTask)
     f = tmp_path / "m.jsonl"
     f.write_text('{"problem": "1+1", "answer": "2"}\n')
     assert isinstance(get_task("math", path=str(f)), MathTask)
-    assert set(TASK_NAMES) == {"synthetic", "knights_knaves", "math"}
+    assert set(TASK_NAMES) == {"reverse", "countdown", "knights_knaves", "math"}
 
 
 def test_get_task_errors():
-    with pytest.raises(ConfigError, match="synthetic, knights_knaves, math"):
+    with pytest.raises(ConfigError, match="reverse, countdown, knights_knaves, math"):
         get_task("gsm8k")
     with pytest.raises(ConfigError, match="needs a path"):
         get_task("math")
     with pytest.raises(ConfigError, match="unknown option.*colour"):
-        get_task("synthetic", colour="red")
+        get_task("countdown", colour="red")

@@ -1,4 +1,4 @@
-"""Tasks by name: `get_task("synthetic")`, `get_task("math", path="train.jsonl")`."""
+"""Tasks by name: `get_task("reverse")`, `get_task("math", path="train.jsonl")`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,18 @@ from sortedrl.errors import ConfigError
 def _task_classes() -> dict[str, type]:
     from sortedrl.tasks.knights_knaves import KnightsKnavesTask
     from sortedrl.tasks.math import MathTask
+    from sortedrl.tasks.reverse import ReverseTask
     from sortedrl.tasks.synthetic import SyntheticTask
 
-    return {"synthetic": SyntheticTask, "knights_knaves": KnightsKnavesTask, "math": MathTask}
+    return {
+        "reverse": ReverseTask,
+        "countdown": SyntheticTask,
+        "knights_knaves": KnightsKnavesTask,
+        "math": MathTask,
+    }
 
 
-TASK_NAMES = ("synthetic", "knights_knaves", "math")
+TASK_NAMES = ("reverse", "countdown", "knights_knaves", "math")
 
 
 def get_task(name: str, **kwargs: Any) -> Any:

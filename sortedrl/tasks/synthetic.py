@@ -1,4 +1,4 @@
-"""The embedded default task: a countdown a ~1M-parameter model learns on a CPU in minutes.
+"""A synthetic countdown task (arithmetic, harder for a tiny model than `reverse`).
 
 Problem: start from `n` and subtract `k` while the result stays non-negative; write every
 intermediate result on its own line, then the answer (`n mod k`) after `=`::
@@ -133,7 +133,7 @@ class SyntheticTask:
     max_k: int = 9
     tail: float = 1.0
     test_percent: int = 15
-    name: str = "synthetic"
+    name: str = "countdown"
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_steps <= 100:
