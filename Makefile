@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sortedrl simulate --json runs/simulate.json --plot runs/simulate.png
+	$(BIN)/sortedrl train --out runs/train
 
 simulate: $(STAMP)
 	$(BIN)/sortedrl simulate

@@ -193,5 +193,54 @@ def train(
     console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, report.png, model/, tb/")
 
 
+@main.command(name="eval")
+@click.option("--model", "model_path", required=True, type=click.Path(), help="model directory")
+@click.option("--task", "task_name", default="reverse", show_default=True)
+@click.option("--path", "data_path", type=click.Path(), help="math: a JSONL/Parquet eval file")
+@click.option("--prompts", type=int, default=200, show_default=True)
+@click.option("--samples", type=int, default=1, show_default=True, help="k of mean@k")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--capacity", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(), help="write the scores here")
+@friendly_errors
+def eval_command(**kw: Any) -> None:
+    """Score a model directory on a task's held-out problems (pass@1 and mean@k)."""
+    from sortedrl.commands.evaluate import evaluate
+    from sortedrl.commands.train import build_task, prepare_model
+    from sortedrl.config import load_config
+    from sortedrl.io import write_json_atomic
+
+    overrides = [f"model.path={kw['model_path']}", f"task.name={kw['task_name']}"]
+    if kw["data_path"]:
+        overrides.append(f"task.eval_path={kw['data_path']}")
+        overrides.append(f"task.path={kw['data_path']}")
+    cfg = load_config(None, overrides)
+    task = build_task(cfg)
+    model, tokenizer = prepare_model(cfg, task)
+    problems = task.problems("test", kw["prompts"], seed=kw["seed"])
+    if not problems:
+        raise SortedRLError(f"task {kw['task_name']}: no held-out problems")
+    scores = evaluate(
+        model,
+        tokenizer,
+        task,
+        problems,
+        samples=kw["samples"],
+        temperature=kw["temperature"],
+        capacity=kw["capacity"],
+        max_new_tokens=kw["max_new_tokens"],
+        seed=kw["seed"],
+    )
+    out.print(
+        f"{kw['task_name']}: pass@1 {scores['pass@1']:.3f} (mean@{kw['samples']} at temperature "
+        f"{kw['temperature']}), mean reward {scores['mean_reward']:.3f} over "
+        f"{len(problems)} problems"
+    )
+    if kw["json_path"]:
+        write_json_atomic(kw["json_path"], scores)
+
+
 if __name__ == "__main__":
     main()

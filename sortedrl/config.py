@@ -24,7 +24,10 @@ class ModelSection(BaseModel):
     )
     tiny_size: str = Field("default", description="size of the embedded tiny model")
     warm_start_steps: int = Field(
-        120, ge=0, description="supervised steps on task solutions before RL (tiny model only)"
+        300, ge=0, description="supervised steps on task solutions before RL (tiny model only)"
+    )
+    warm_start_examples: int = Field(
+        2048, ge=1, description="distinct task solutions the warm start draws from"
     )
     warm_start_batch: int = Field(32, ge=1)
     warm_start_lr: float = Field(3e-3, gt=0)
@@ -36,7 +39,7 @@ class TaskSection(BaseModel):
     name: Literal["reverse", "countdown", "knights_knaves", "math"] = "reverse"
     path: str | None = Field(None, description="math: a JSONL or Parquet file of problems")
     eval_path: str | None = Field(None, description="math: held-out problems (default: path)")
-    train_prompts: int = Field(320, ge=1, description="prompts of RL data (one epoch)")
+    train_prompts: int = Field(1600, ge=1, description="prompts of RL data (one epoch)")
     eval_prompts: int = Field(200, ge=1, description="held-out prompts per evaluation")
     reward_fn: str | None = Field(
         None, description="your own reward, 'package.module:function(problem, response)'"
@@ -52,7 +55,7 @@ class RolloutSection(BaseModel):
     engine: Literal["transformers", "vllm"] = "transformers"
     group_size: int = Field(8, ge=1, description="responses per prompt (G)")
     capacity: int = Field(64, ge=1, description="engine capacity C: sequences run at once")
-    max_new_tokens: int = Field(128, ge=1, description="response length cap")
+    max_new_tokens: int = Field(64, ge=1, description="response length cap")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
 
@@ -85,7 +88,7 @@ class TrainConfig(BaseModel):
     task: TaskSection = TaskSection()
     rollout: RolloutSection = RolloutSection()
     scheduler: SchedulerSection = SchedulerSection()
-    trainer: TrainerConfig = TrainerConfig(lr=2e-4, warmup_steps=2, max_grad_norm=1.0)
+    trainer: TrainerConfig = TrainerConfig(lr=1e-4, warmup_steps=2, max_grad_norm=1.0)
     eval: EvalSection = EvalSection()
     max_updates: int | None = Field(None, ge=1, description="stop after this many updates")
 

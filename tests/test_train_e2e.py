@@ -81,6 +81,35 @@ def test_train_writes_outputs_and_counts_balance(tmp_path, monkeypatch):
     cached = list((tmp_path / "cache").glob("tiny-*"))
     assert len(cached) == 1 and (cached[0] / "config.json").is_file()
 
+    # The run wrote its own length trace, which the simulator reads back.
+    from sortedrl.sim.workload import Workload
+
+    trace = Workload.from_trace(str(out / "trace.jsonl"), cap=64)
+    assert len(trace) == doc["prompts_trained"] and trace.group_size == 2
+
+    # `sortedrl eval` scores the trained model directory.
+    from click.testing import CliRunner
+
+    from sortedrl.cli import main
+
+    res = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            str(out / "model"),
+            "--prompts",
+            "4",
+            "--max-new-tokens",
+            "16",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert 0.0 <= scores["pass@1"] <= 1.0 and scores["problems"] == 4
+
 
 def test_train_cli_bad_override_is_one_line(tmp_path):
     from click.testing import CliRunner

@@ -53,7 +53,7 @@ def cache_root() -> Path:
 def _warm_start_problems(cfg: TrainConfig, task: Any) -> list[Problem]:
     # Train-split problems, drawn with their own seed so the warm start covers more of the
     # distribution than the RL prompts alone.
-    return task.problems("train", max(cfg.task.train_prompts, 1024), seed=cfg.seed + 7919)
+    return task.problems("train", cfg.model.warm_start_examples, seed=cfg.seed + 7919)
 
 
 def tiny_cache_key(cfg: TrainConfig, task: Any) -> str:
@@ -66,7 +66,7 @@ def tiny_cache_key(cfg: TrainConfig, task: Any) -> str:
         "batch": cfg.model.warm_start_batch,
         "lr": cfg.model.warm_start_lr,
         "seed": cfg.seed,
-        "n": max(cfg.task.train_prompts, 1024),
+        "n": cfg.model.warm_start_examples,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -261,6 +261,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     writer = SummaryWriter(log_dir=str(out / "tb"))
     metrics_path = out / "metrics.jsonl"
     metrics_file = open(metrics_path, "w", encoding="utf-8")  # noqa: SIM115
+    # The lengths of every trained group: `sortedrl simulate --trace` replays them.
+    trace_file = open(out / "trace.jsonl", "w", encoding="utf-8")  # noqa: SIM115
     history: list[dict[str, Any]] = []
     samples_trained = 0
     total = expected_updates(cfg)
@@ -324,6 +326,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
         history.append(line)
         metrics_file.write(json.dumps(line) + "\n")
         metrics_file.flush()
+        for g in batch.groups:
+            lengths = [s.n_tokens for s in g.samples]
+            trace_file.write(json.dumps({"prompt_id": g.prompt_id, "lengths": lengths}) + "\n")
+        trace_file.flush()
         for k, v in line.items():
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
                 writer.add_scalar(k if "/" in k else f"rl/{k}", v, record.step)
@@ -346,6 +352,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             )
     finally:
         metrics_file.close()
+        trace_file.close()
         close_scorer()
 
     model.eval()
