@@ -79,6 +79,12 @@ class EvalSection(BaseModel):
     every_updates: int = Field(0, ge=0, description="evaluate every N updates (0: before/after)")
     samples: int = Field(1, ge=1, description="responses per problem (mean@k)")
     temperature: float = Field(0.0, ge=0, description="0: greedy")
+    sampled: int = Field(
+        4,
+        ge=0,
+        description="also score this many samples per problem at the rollout temperature "
+        "(mean@k, reported as sampled_accuracy); 0: off",
+    )
 
 
 class TrainConfig(BaseModel):

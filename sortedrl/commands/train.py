@@ -154,18 +154,26 @@ def prepare_model(cfg: TrainConfig, task: Any | None = None) -> tuple[Any, Any]:
 def _eval(cfg: TrainConfig, model: Any, tokenizer: Any, task: Any, problems: list[Problem]):
     from sortedrl.commands.evaluate import evaluate
 
-    return evaluate(
-        model,
-        tokenizer,
-        task,
-        problems,
-        samples=cfg.eval.samples,
-        temperature=cfg.eval.temperature,
-        capacity=cfg.rollout.capacity,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        seed=cfg.seed,
-        device=cfg.model.device,
-    )
+    def score(samples: int, temperature: float) -> dict[str, Any]:
+        return evaluate(
+            model,
+            tokenizer,
+            task,
+            problems,
+            samples=samples,
+            temperature=temperature,
+            capacity=cfg.rollout.capacity,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.seed,
+            device=cfg.model.device,
+        )
+
+    result = score(cfg.eval.samples, cfg.eval.temperature)
+    if cfg.eval.sampled:
+        sampled = score(cfg.eval.sampled, cfg.rollout.temperature)
+        result["sampled_accuracy"] = sampled["accuracy"]
+        result["sampled_mean_reward"] = sampled["mean_reward"]
+    return result
 
 
 def _make_score_fn(cfg: TrainConfig, task: Any) -> tuple[Any, Any]:

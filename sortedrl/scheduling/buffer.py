@@ -43,6 +43,10 @@ class RolloutBuffer:
         for g in groups:
             del self._complete[g.order]
 
+    def forget(self, group: Group) -> None:
+        """A group is dropped: it is no longer waiting for an update, if it was."""
+        self._complete.pop(group.order, None)
+
     # --- cached partials ----------------------------------------------------------------------
     def cache(self, seq: Seq) -> None:
         seq.state = SeqState.CACHED

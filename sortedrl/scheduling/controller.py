@@ -209,8 +209,7 @@ class Controller:
             if seq.state is SeqState.QUEUED:
                 self._n_queued -= 1
             seq.state = SeqState.DONE  # its queue entries, if any, are dead now
-        if group.state is GroupState.COMPLETE:
-            self.buffer.pop_groups([group])
+        self.buffer.forget(group)
         self._close(group, GroupState.DROPPED)
         self._dropped_groups += 1
         self.ledger.prompts_dropped[reason] += 1
@@ -286,6 +285,12 @@ class Controller:
         assert self._in_update is not None, "no update in progress"
         batch, self._in_update = self._in_update, None
         ledger = self.ledger
+        if skipped:
+            # The policy did not change (e.g. a non-finite loss): the batch taught nothing, so
+            # it is dropped with a counted reason rather than counted as trained.
+            for group in batch:
+                self._drop_group(group, "skipped_update")
+            batch = []
         for group in batch:
             for seq in group.seqs:
                 assert seq.content is not None
@@ -379,13 +384,22 @@ class Controller:
         return len(self._groups), tokens
 
     def stop(self, aborted: Sequence[Generation]) -> None:
-        """A run stopped early: take back what the engine was running (counted in flight)."""
+        """A run stopped early (or for a checkpoint): take back what the engine was running;
+        it resumes first if the run goes on (and counts as in flight if it does not)."""
         for gen in aborted:
             seq = self._take_running(gen)
             self._hold_partial(seq, gen)
-            seq.state = SeqState.CACHED
-        self._queue.clear()
-        self._n_queued = 0
+            self._enqueue(seq, _RESUME)
+
+    def requeue_running(self) -> int:
+        """The engine died: everything it was running goes back to the queue, resumed from
+        what the controller last held (tokens generated since were never returned, so never
+        counted). Returns how many responses were requeued."""
+        lost = list(self._running.values())
+        self._running.clear()
+        for seq in lost:
+            self._enqueue(seq, _RESUME)
+        return len(lost)
 
 
 def _oldest(group: Group) -> int:

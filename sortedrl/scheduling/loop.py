@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sortedrl.errors import SortedRLError
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.metrics import Clock, UpdateRecord, summarize
 from sortedrl.scheduling.protocol import (
@@ -35,6 +36,13 @@ class RunResult:
     controller: Controller
     clock: Clock
     summary: dict[str, Any]
+    engine: Engine  # the engine at the end (a restarted one if the first died)
+    stopped: bool = False  # `should_stop` ended the run early
+    engine_restarts: int = 0
+
+
+class EngineFailedError(SortedRLError):
+    """The engine kept failing after restarts."""
 
 
 class _PendingUpdate:
@@ -81,19 +89,33 @@ def run(
     scorer: Scorer | None = None,
     on_update: UpdateHook | None = None,
     max_updates: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    restart_engine: Callable[[], Engine] | None = None,
+    max_engine_restarts: int = 3,
 ) -> RunResult:
-    """Run until the controller has trained or dropped every prompt (or `max_updates`)."""
+    """Run until the controller has trained or dropped every prompt, `max_updates` updates
+    are done, or `should_stop()` says so (checked before every engine step).
+
+    An engine whose `step` raises is replaced by `restart_engine()` (its requests go back to
+    the controller's queue); after `max_engine_restarts` failures in a row the run raises
+    `EngineFailedError`, with the controller left consistent for a checkpoint.
+    """
     clock = Clock(engine.capacity)
     loop = _Loop(controller, engine, trainer, clock, scorer, on_update)
+    loop.should_stop = should_stop or (lambda: False)
+    loop.restart_engine, loop.max_restarts = restart_engine, max_engine_restarts
     if controller.colocated:
         loop.run_colocated(max_updates)
     else:
         loop.run_async(max_updates)
-    stopped = engine.pause() if engine.num_unfinished() else []
-    if stopped:
-        controller.stop(stopped)
+    engine = loop.engine
+    remaining = engine.pause() if engine.num_unfinished() else []
+    if remaining:
+        controller.stop(remaining)
     in_prompts, in_tokens = controller.in_flight()
-    return RunResult(controller, clock, summarize(controller.ledger, clock, in_prompts, in_tokens))
+    summary = summarize(controller.ledger, clock, in_prompts, in_tokens)
+    summary["engine_restarts"] = loop.restarts
+    return RunResult(controller, clock, summary, engine, loop.stopped, loop.restarts)
 
 
 class _Loop:
@@ -108,6 +130,12 @@ class _Loop:
     ) -> None:
         self.ctl, self.engine, self.trainer, self.clock = controller, engine, trainer, clock
         self.scorer, self.on_update = scorer, on_update
+        self.should_stop: Callable[[], bool] = lambda: False
+        self.stopped = False
+        self.restart_engine: Callable[[], Engine] | None = None
+        self.max_restarts = 3
+        self.restarts = 0
+        self._failures_in_a_row = 0
 
     def _submit(self) -> None:
         free = self.engine.capacity - self.engine.num_unfinished()
@@ -115,9 +143,31 @@ class _Loop:
         if requests:
             self.engine.submit(requests)
 
+    def _stop_now(self) -> bool:
+        if self.should_stop():
+            self.stopped = True
+        return self.stopped
+
+    def _engine_failed(self, error: Exception) -> None:
+        self._failures_in_a_row += 1
+        if self.restart_engine is None or self._failures_in_a_row > self.max_restarts:
+            self.ctl.requeue_running()
+            raise EngineFailedError(
+                f"the rollout engine failed {self._failures_in_a_row} time(s) in a row; "
+                f"last error: {type(error).__name__}: {error}"
+            ) from error
+        self.ctl.requeue_running()
+        self.engine = self.restart_engine()
+        self.restarts += 1
+
     def _generate(self, advance: bool = True) -> float:
         """One engine step; returns its elapsed time."""
-        report = self.engine.step()
+        try:
+            report = self.engine.step()
+        except Exception as e:  # the engine died: requeue its work, restart it
+            self._engine_failed(e)
+            return 0.0
+        self._failures_in_a_row = 0
         self.clock.add_generation(report.elapsed_s, report.busy_slot_s, advance)
         rewards = None
         if self.scorer is not None and report.finished:
@@ -150,6 +200,9 @@ class _Loop:
         while not ctl.done():
             if max_updates is not None and len(ctl.ledger.updates) >= max_updates:
                 return
+            if self._stop_now():
+                return
+            engine = self.engine  # may have been restarted
             if ctl.update_due():
                 if engine.num_unfinished():
                     ctl.on_paused(engine.pause())
@@ -167,6 +220,7 @@ class _Loop:
         ctl, engine, clock = self.ctl, self.engine, self.clock
         pending: _PendingUpdate | None = None
         while not (ctl.done() and pending is None):
+            engine = self.engine  # may have been restarted
             if pending is not None:
                 ready = pending.ready_at()
                 if ready is not None and ready <= clock.t + 1e-12:
@@ -178,6 +232,8 @@ class _Loop:
                 if pending is not None:
                     pending.wait()
                     continue
+                return
+            if pending is None and self._stop_now():
                 return
             if pending is None and ctl.update_due():
                 pending = _PendingUpdate(self.trainer, ctl.take_update_batch(), clock.t)
