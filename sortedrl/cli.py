@@ -172,18 +172,32 @@ def _print_sim_table(doc: dict[str, Any]) -> None:
 @click.option("--config", "config_path", type=click.Path(), help="YAML file of settings")
 @click.option("--out", "out_dir", default="runs/train", show_default=True, help="output folder")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option(
+    "--resume",
+    default=None,
+    help="'auto' (newest complete checkpoint of --out), a run directory or a checkpoint",
+)
 @click.argument("overrides", nargs=-1)
 @friendly_errors
 def train(
-    config_path: str | None, out_dir: str, no_progress: bool, overrides: tuple[str, ...]
+    config_path: str | None,
+    out_dir: str,
+    no_progress: bool,
+    resume: str | None,
+    overrides: tuple[str, ...],
 ) -> None:
     """RL-train a model on a task (GRPO, transformers engine); KEY=VALUE overrides settings,
     e.g. `rollout.group_size=8 scheduler.policy=sync`."""
+    from sortedrl.commands.train import RunInterrupted
     from sortedrl.commands.train import train as run_train
     from sortedrl.config import load_config
 
-    cfg = load_config(config_path, list(overrides))
-    s = run_train(cfg, out_dir, progress=not no_progress)
+    cfg = load_config(config_path, list(overrides) + ([f"resume={resume}"] if resume else []))
+    try:
+        s = run_train(cfg, out_dir, progress=not no_progress)
+    except RunInterrupted as e:
+        console.print(f"[bold yellow]{e}[/]", highlight=False)
+        sys.exit(128 + e.signum)
     b, a = s["eval_before"], s["eval_after"]
     out.print(
         f"eval accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "

@@ -87,6 +87,14 @@ class EvalSection(BaseModel):
     )
 
 
+class CheckpointSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every_updates: int = Field(
+        20, ge=0, description="checkpoint every N updates (0: only at the end)"
+    )
+    keep: int = Field(3, ge=1, description="newest checkpoints kept")
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
@@ -96,7 +104,19 @@ class TrainConfig(BaseModel):
     scheduler: SchedulerSection = SchedulerSection()
     trainer: TrainerConfig = TrainerConfig(lr=1e-4, warmup_steps=2, max_grad_norm=1.0)
     eval: EvalSection = EvalSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    resume: str | None = Field(
+        None,
+        description="'auto': go on from the newest complete checkpoint of the run directory "
+        "(or start fresh when there is none); or a run directory or checkpoint to go on from",
+    )
     max_updates: int | None = Field(None, ge=1, description="stop after this many updates")
+    max_skipped_updates: int = Field(
+        3, ge=1, description="stop after this many non-finite (skipped) updates in a row"
+    )
+    max_engine_restarts: int = Field(
+        3, ge=0, description="restarts of a failing rollout engine in a row before giving up"
+    )
 
     def scheduler_config(self) -> SchedulerConfig:
         try:
@@ -151,6 +171,8 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     if path:
         where = path
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{path}: is a directory, not a config file")
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
@@ -161,6 +183,10 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"{path}: invalid YAML: {str(e)[:200]}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         doc = loaded or {}

@@ -108,6 +108,28 @@ def test_two_sleepers_run_in_parallel(runner):
     assert [s.error for s in out] == ["timeout", "timeout", None]
 
 
+def test_per_call_durations(runner):
+    before = runner.max_call_s
+    out = runner.score_batch([(P, "5"), (P, "sleep"), (P, "x" * 1001)])
+    assert [s.error for s in out] == [None, "timeout", "too_long"]
+    d = runner.last_durations
+    assert len(d) == 3
+    assert 0.0 < d[0] < TIMEOUT
+    assert TIMEOUT <= d[1] < TIMEOUT + SLACK  # a timed-out call counts until it was given up
+    assert d[2] == 0.0  # answered by the size check, never sent to a worker
+    assert runner.max_call_s == max(before, d[1])
+    runner.score_batch([(P, "5")])
+    assert len(runner.last_durations) == 1 and runner.max_call_s >= d[1]
+
+
+def test_per_call_durations_in_process():
+    r = RewardRunner(toy_scorer, workers=0, max_response_chars=10)
+    assert r.last_durations == [] and r.max_call_s == 0.0
+    r.score_batch([(P, "5"), (P, "x" * 11)])
+    assert len(r.last_durations) == 2 and r.last_durations[1] == 0.0
+    assert r.max_call_s == r.last_durations[0] >= 0.0
+
+
 def test_oversized_and_hostile_inputs(runner):
     items = [(P, "x" * 1001), (P, "\ud800\udfff\ud800"), (P, "exit"), (P, "5"), (P, 12), (P, "nan")]
     out = runner.score_batch(items)

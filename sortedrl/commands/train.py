@@ -17,16 +17,27 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from sortedrl.commands.checkpoint import (
+    MANIFEST,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from sortedrl.config import TrainConfig
-from sortedrl.errors import ConfigError
+from sortedrl.errors import ConfigError, SortedRLError
 from sortedrl.io import write_json_atomic
-from sortedrl.tasks.base import Problem
+from sortedrl.scheduling.controller import controller_state
+from sortedrl.scheduling.loop import EngineFailedError
+from sortedrl.tasks.base import Problem, Score
 
 _CACHE_FORMAT = 1  # bump when the warm start changes meaning
 
@@ -218,12 +229,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = prepare_model(cfg, task)
+    ckpt_root = out / "checkpoints"
+    resumed = _find_resume(cfg, ckpt_root)
+    if resumed is not None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(resumed["weights"]))
     t_model = time.perf_counter() - t_start
     device = cfg.model.device
 
-    evals: list[dict[str, Any]] = []
-    eval_before = _eval(cfg, model, tokenizer, task, eval_problems)
-    evals.append({"step": 0, **eval_before})
+    run_state: dict[str, Any] = resumed["run"] if resumed else {}
+    evals: list[dict[str, Any]] = run_state.get("evals", [])
+    if resumed:
+        eval_before = run_state["eval_before"]
+    else:
+        eval_before = _eval(cfg, model, tokenizer, task, eval_problems)
+        evals.append({"step": 0, **eval_before})
 
     problems_by_id: dict[str, Problem] = {}
     specs = []
@@ -234,21 +255,43 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
         ids = prompt_token_ids(tokenizer, p.prompt)
         specs.append(PromptSpec(p.prompt_id, len(ids), ids))
 
-    engine = TransformersEngine(
-        copy.deepcopy(model),
-        tokenizer,
-        capacity=cfg.rollout.capacity,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        seed=cfg.seed,
-        device=device,
-    )
+    def make_engine(version: int) -> TransformersEngine:
+        e = TransformersEngine(
+            copy.deepcopy(model),
+            tokenizer,
+            capacity=cfg.rollout.capacity,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            seed=cfg.seed,
+            device=device,
+        )
+        e.load_weights(None, version)  # serves the current policy version
+        return e
+
     trainer = GRPOTrainer(model, cfg.trainer, device=device)
     model.train()
-    controller = Controller(sched_cfg, specs)
+    scores: dict[tuple[str, int], Any] = {}
+    if resumed:
+        from sortedrl.scheduling.controller import restore_controller
+
+        try:
+            controller = restore_controller(sched_cfg, specs, resumed["controller"])
+        except ValueError as e:
+            raise ConfigError(f"cannot resume from {resumed['path']}: {e}") from None
+        trainer.load_state_dict(resumed["trainer"]["trainer"])
+        rng = resumed["trainer"]["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_to_tuple(rng["python"]))
+        engine = make_engine(controller.version)
+        engine.generator.set_state(rng["engine"])
+        for pid, idx, reward, correct, fmt in run_state["scores"]:
+            scores[(pid, idx)] = Score(reward, correct, fmt)
+    else:
+        controller = Controller(sched_cfg, specs)
+        engine = make_engine(0)
+    current = {"engine": engine}
 
     score_fn, close_scorer = _make_score_fn(cfg, task)
-    scores: dict[tuple[str, int], Any] = {}
 
     def scorer(generations, keys):
         t0 = time.perf_counter()
@@ -266,14 +309,47 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(out / "tb"))
-    metrics_path = out / "metrics.jsonl"
-    metrics_file = open(metrics_path, "w", encoding="utf-8")  # noqa: SIM115
+    history: list[dict[str, Any]] = run_state.get("history", [])
+    samples_trained = run_state.get("samples_trained", 0)
+    # A resumed run drops what was logged after its checkpoint: those updates run again.
+    writer = SummaryWriter(
+        log_dir=str(out / "tb"), purge_step=len(history) + 1 if resumed else None
+    )
+    metrics_file = _open_log(out / "metrics.jsonl", len(history) if resumed else 0)
     # The lengths of every trained group: `sortedrl simulate --trace` replays them.
-    trace_file = open(out / "trace.jsonl", "w", encoding="utf-8")  # noqa: SIM115
-    history: list[dict[str, Any]] = []
-    samples_trained = 0
+    trace_file = _open_log(out / "trace.jsonl", run_state.get("trace_lines", 0))
+    trace_lines = run_state.get("trace_lines", 0)
+    skipped_in_a_row = 0
+    elapsed_before = run_state.get("elapsed_s", 0.0)
     total = expected_updates(cfg)
+
+    def checkpoint(step: int) -> Path:
+        state = {
+            "trainer": trainer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "engine": current["engine"].generator.get_state(),
+                "python": _to_lists(random.getstate()),
+            },
+        }
+        run = {
+            "eval_before": eval_before,
+            "evals": evals,
+            "history": history,
+            "samples_trained": samples_trained,
+            "trace_lines": trace_lines,
+            "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+            "scores": [[k[0], k[1], v.reward, v.correct, v.format_ok] for k, v in scores.items()],
+        }
+        return save_checkpoint(
+            ckpt_root,
+            step,
+            model=model,
+            trainer_state=state,
+            controller_state=controller_state(controller),
+            run_state=run,
+            keep=cfg.checkpoint.keep,
+        )
 
     from rich.console import Console
     from rich.progress import (
@@ -298,11 +374,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     bar_task = bar.add_task("train", total=total, info="")
 
     def on_update(record, batch, result) -> None:
-        nonlocal samples_trained
+        nonlocal samples_trained, trace_lines, skipped_in_a_row
         n_correct = n = 0
         for g in batch.groups:
             for s in g.samples:
-                sc = scores.get((g.prompt_id, s.sample_index))
+                sc = scores.pop((g.prompt_id, s.sample_index), None)
                 n += 1
                 n_correct += int(bool(sc is not None and sc.correct))
         samples_trained += record.samples
@@ -320,7 +396,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             "tokens": record.tokens,
             "samples_trained": samples_trained,
             "skipped": record.skipped,
-            "time_s": time.perf_counter() - t_start,
+            "time_s": elapsed_before + time.perf_counter() - t_start,
             "loop_time_s": record.time_s,
         }
         for k, v in record.stats.items():
@@ -337,6 +413,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
         for g in batch.groups:
             lengths = [s.n_tokens for s in g.samples]
             trace_file.write(json.dumps({"prompt_id": g.prompt_id, "lengths": lengths}) + "\n")
+            trace_lines += 1
         trace_file.flush()
         for k, v in line.items():
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
@@ -347,7 +424,30 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             info=f"reward {record.reward_mean:.3f} acc {line['accuracy']:.2f} "
             f"len {record.mean_response_len:.0f}",
         )
+        skipped_in_a_row = skipped_in_a_row + 1 if record.skipped else 0
+        if skipped_in_a_row >= cfg.max_skipped_updates:
+            last = complete_checkpoints(ckpt_root)
+            raise NumericalError(
+                f"{skipped_in_a_row} updates in a row had a non-finite loss or gradient and "
+                f"were skipped; stopping. "
+                + (f"The last checkpoint, {last[-1]}, is intact." if last else "")
+            )
+        every = cfg.checkpoint.every_updates
+        if every and record.step % every == 0 and controller.colocated:
+            checkpoint(record.step)  # between updates nothing runs: the state is complete
 
+    def restart_engine() -> TransformersEngine:
+        current["engine"] = make_engine(controller.version)
+        return current["engine"]
+
+    # SIGTERM / SIGINT: stop at the next engine step, checkpoint, exit.
+    stop_signal: list[int] = []
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+        except ValueError:  # not the main thread: no signal handling
+            pass
     try:
         with bar:
             result = run(
@@ -357,11 +457,27 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
                 scorer=scorer,
                 on_update=on_update,
                 max_updates=cfg.max_updates,
+                should_stop=lambda: bool(stop_signal),
+                restart_engine=restart_engine,
+                max_engine_restarts=cfg.max_engine_restarts,
             )
+    except EngineFailedError as e:
+        where = checkpoint(len(history))
+        raise SortedRLError(f"{e}; checkpoint written to {where}; resume with --resume auto") from e
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         metrics_file.close()
         trace_file.close()
         close_scorer()
+    engine = result.engine
+    final_ckpt = checkpoint(len(history))
+    if result.stopped:
+        raise RunInterrupted(
+            stop_signal[0],
+            f"stopped by {signal.Signals(stop_signal[0]).name} after {len(history)} updates; "
+            f"checkpoint written to {final_ckpt}; go on with --resume auto",
+        )
 
     model.eval()
     eval_after = _eval(cfg, model, tokenizer, task, eval_problems)
@@ -385,7 +501,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     summary = {
         **result.summary,
         "loop_time_s": result.summary["wall_time_s"],
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": elapsed_before + time.perf_counter() - t_start,
+        "resumed_from": str(resumed["path"]) if resumed else None,
         "model_time_s": t_model,
         "eval_before": eval_before,
         "eval_after": eval_after,
@@ -397,6 +514,61 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     }
     write_json_atomic(str(out / "summary.json"), summary)
     return summary
+
+
+class NumericalError(SortedRLError):
+    """Too many non-finite updates in a row."""
+
+
+class RunInterrupted(SortedRLError):
+    """SIGTERM or SIGINT: the run was checkpointed and can go on with --resume."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def _find_resume(cfg: TrainConfig, ckpt_root: Path) -> dict[str, Any] | None:
+    """The checkpoint to go on from, per `cfg.resume`; damaged ones are skipped with a warning."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        root = ckpt_root
+    else:
+        given = Path(cfg.resume)
+        if (given / MANIFEST).is_file():
+            return load_checkpoint(given)
+        root = given / "checkpoints" if (given / "checkpoints").is_dir() else given
+        if not root.is_dir():
+            raise ConfigError(f"resume: {given} is not a run directory or checkpoint")
+    found, warnings = latest_checkpoint(root)
+    for w in warnings:
+        print(f"warning: {w}")
+    if found is None and cfg.resume != "auto":
+        raise ConfigError(f"resume: no complete checkpoint under {root}")
+    return found
+
+
+def _open_log(path: Path, keep_lines: int) -> Any:
+    """Open a JSONL log for appending after its first `keep_lines` lines (the rest is dropped:
+    a resumed run writes those lines again)."""
+    kept: list[str] = []
+    if keep_lines and path.is_file():
+        with open(path, encoding="utf-8") as f:
+            for _, line in zip(range(keep_lines), f, strict=False):
+                kept.append(line)
+    f = open(path, "w", encoding="utf-8")  # noqa: SIM115
+    f.writelines(kept)
+    f.flush()
+    return f
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
 
 
 def plot_report(

@@ -215,17 +215,29 @@ def load_trace(path: str) -> tuple[dict[str, list[int]], int]:
     group_size: int | None = None
     first_line = 0
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
     except OSError as e:
         raise InputFileError(str(path), f"cannot read trace: {e.strerror or e}") from None
     with f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputFileError(
+                    path, f"not valid UTF-8 ({e.reason} at byte {e.start})", line=lineno
+                ) from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputFileError(path, f"invalid JSON: {e.msg}", line=lineno) from None
+            except RecursionError:
+                raise InputFileError(path, "invalid JSON: nested too deeply", line=lineno) from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise InputFileError(path, f"invalid JSON: {str(e)[:200]}", line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputFileError(path, "expected a JSON object", line=lineno)
             pid = obj.get("prompt_id")

@@ -34,6 +34,7 @@ hard time limit is the reward sandbox's (:class:`sortedrl.tasks.rewards.RewardRu
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import zlib
@@ -214,6 +215,8 @@ def _record(obj: Any, path: str, line: int | None) -> MathRecord:
             raise InputFileError(
                 path, f"must be a string or a number, got {type(answer).__name__}", line, key
             )
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise InputFileError(path, f"must be a finite number, got {answer}", line, key)
         answer = str(answer).strip()
         if not answer:
             raise InputFileError(path, "is empty", line, key)
@@ -236,6 +239,13 @@ def _record(obj: Any, path: str, line: int | None) -> MathRecord:
     return MathRecord(problem=problem, answer=answer, source=where)
 
 
+def _json_problem(e: Exception) -> str:
+    """What json.loads rejected beyond syntax: deep nesting, an integer too long to convert."""
+    if isinstance(e, RecursionError):
+        return "invalid JSON: nested too deeply"
+    return f"invalid JSON: {str(e)[:200]}"
+
+
 def _load_jsonl(path: Path) -> list[MathRecord]:
     data = path.read_bytes()
     records = []
@@ -256,6 +266,8 @@ def _load_jsonl(path: Path) -> list[MathRecord]:
             raise InputFileError(
                 str(path), f"invalid JSON: {e.msg} (column {e.colno})", lineno
             ) from None
+        except (ValueError, RecursionError) as e:
+            raise InputFileError(str(path), _json_problem(e), lineno) from None
         records.append(_record(obj, str(path), lineno))
     return records
 
@@ -273,6 +285,8 @@ def _load_json_array(path: Path) -> list[MathRecord]:
         raise InputFileError(
             str(path), f"invalid JSON: {e.msg} (column {e.colno})", e.lineno
         ) from None
+    except (ValueError, RecursionError) as e:
+        raise InputFileError(str(path), _json_problem(e)) from None
     if not isinstance(obj, list):
         raise InputFileError(str(path), "expected a JSON array of objects (or use .jsonl)")
     return [_record(o, str(path), i) for i, o in enumerate(obj, start=1)]

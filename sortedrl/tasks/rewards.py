@@ -17,6 +17,11 @@ reaching the scorer. A scorer that raises gives reward 0 with error ``"exception
 ``too_long``, ``exception``, ``worker_died``, ``bad_return``, ``bad_input``, and
 ``scorer_error`` for a Score whose scorer set an error of its own).
 
+Per-call times: ``runner.last_durations`` holds, for each item of the last batch, the seconds
+from handing it to the scorer to its answer (a timed-out call counts until it was given up;
+0.0 for an item the size check answered), and ``runner.max_call_s`` the longest over the
+runner's life.
+
 A task object may define ``warmup()``: each worker calls it once before taking work (e.g. to
 import math-verify), so import time is never charged to a call's time limit.
 
@@ -182,6 +187,7 @@ class _Worker:
         self.ready = False
         self.item: int | None = None  # index of the item being scored
         self.deadline = math.inf
+        self.sent_at = 0.0  # when the item was sent (time.monotonic())
         self.killed = False
 
     def kill(self) -> None:
@@ -246,6 +252,8 @@ class RewardRunner:
         self.memory_mb = memory_mb
         self.errors: Counter[str] = Counter()
         self.calls = 0
+        self.last_durations: list[float] = []  # seconds per item of the last batch
+        self.max_call_s = 0.0  # the longest single call so far
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._closed = False
@@ -317,6 +325,7 @@ class RewardRunner:
             raise RuntimeError("RewardRunner is closed")
         with self._lock:
             results: list[Score | None] = [None] * len(items)
+            self.last_durations = [0.0] * len(items)
             todo: list[int] = []
             for i, (problem, response) in enumerate(items):
                 pre = self._precheck(problem, response)
@@ -326,7 +335,9 @@ class RewardRunner:
                     todo.append(i)
             if self.n_workers == 0:
                 for i in todo:
+                    t0 = time.monotonic()
                     results[i] = _call_scorer(self.scorer, items[i][0], items[i][1])
+                    self.last_durations[i] = time.monotonic() - t0
             elif todo:
                 try:
                     self._run_in_workers(items, todo, results)
@@ -348,6 +359,7 @@ class RewardRunner:
                 if kind is not None:
                     self.errors[kind if kind in ERROR_KINDS else "scorer_error"] += 1
             self.calls += len(items)
+            self.max_call_s = max(self.max_call_s, *self.last_durations, 0.0)
             return out
 
     def _run_in_workers(
@@ -377,7 +389,8 @@ class RewardRunner:
                     msg = f"bad_input: cannot send to worker: {type(e).__name__}: {e}"
                     results[i] = Score(0.0, False, False, error=msg[:_MAX_ERROR_CHARS])
                     continue
-                w.item, w.deadline = i, time.monotonic() + self.timeout_s
+                w.sent_at = time.monotonic()
+                w.item, w.deadline = i, w.sent_at + self.timeout_s
             # Wait for a result, a worker becoming ready, a death, or the next deadline.
             deadlines = [w.deadline for w in self._workers if w.item is not None]
             deadlines += [w.started + _START_TIMEOUT_S for w in self._workers if not w.ready]
@@ -398,6 +411,7 @@ class RewardRunner:
             for w in list(self._workers):
                 if w.item is not None and now >= w.deadline:
                     results[w.item] = Score(0.0, False, False, error="timeout")
+                    self.last_durations[w.item] = now - w.sent_at
                     w.item = None
                     self._replace(w, failed_start=False)
                 elif not w.ready and now >= w.started + _START_TIMEOUT_S:
@@ -421,6 +435,7 @@ class RewardRunner:
             if i is not None:
                 code = w.proc.exitcode
                 results[i] = Score(0.0, False, False, error=f"worker_died: exit code {code}")
+                self.last_durations[i] = time.monotonic() - w.sent_at
             self._replace(w, failed_start=False)
             return
         if msg[0] == "ready":
@@ -430,6 +445,7 @@ class RewardRunner:
         idx, score = msg
         if idx == w.item:
             results[idx] = score if isinstance(score, Score) else _to_score(score)
+            self.last_durations[idx] = time.monotonic() - w.sent_at
             w.item, w.deadline = None, math.inf
 
     def _replace(self, w: _Worker, failed_start: bool) -> None:

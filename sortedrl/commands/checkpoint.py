@@ -1,0 +1,164 @@
+"""Checkpoints of a training run: written atomically, loaded without unpickling anything.
+
+A checkpoint is a directory `step-00000040/` under the run's `checkpoints/`:
+
+    model.safetensors   policy weights
+    trainer.pt          optimizer, LR schedule, step counters and every RNG state: tensors and
+                        plain containers only, loaded with `torch.load(weights_only=True)`
+    controller.json     the controller and rollout buffer (cached partial responses included)
+    run.json            the run's own position: metrics lines written, history, evaluations
+    MANIFEST.json       written last: every file's size and SHA-256
+
+It is written into a temporary directory, each file flushed to disk, then renamed into place,
+so a crash or a full disk never leaves a half-written checkpoint under a real name. Loading
+checks the manifest; a damaged checkpoint is reported and the previous complete one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sortedrl.errors import SortedRLError
+
+FILES = ("model.safetensors", "trainer.pt", "controller.json", "run.json")
+MANIFEST = "MANIFEST.json"
+PREFIX = "step-"
+
+
+class CheckpointError(SortedRLError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: Any,
+    trainer_state: dict[str, Any],
+    controller_state: dict[str, Any],
+    run_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` under `root` and keep the newest `keep`. On any error (a full
+    disk, say) nothing partial is left behind and the previous checkpoints are untouched."""
+    import torch
+    from safetensors.torch import save_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(trainer_state, tmp / "trainer.pt")
+        _write_json(tmp / "controller.json", controller_state)
+        _write_json(tmp / "run.json", run_state)
+        for name in FILES:
+            _fsync(tmp / name)
+        manifest = {
+            "step": step,
+            "files": {
+                n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES
+            },
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        if final.exists():  # a rerun of the same step (after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(root)
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        raise CheckpointError(f"could not write checkpoint {final}: {e}{kept}") from e
+    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories with a manifest, oldest first (not yet verified)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Verify and read one checkpoint; a damaged one raises `CheckpointError` naming the file."""
+    import torch
+
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({e})") from None
+    for name in FILES:
+        f = path / name
+        want = files.get(name) if isinstance(files, dict) else None
+        if not f.is_file() or want is None:
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != want.get("bytes") or _sha256(f) != want.get("sha256"):
+            raise CheckpointError(f"{f}: damaged (size or checksum differs from the manifest)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError("no tensors")
+        trainer_state = torch.load(path / "trainer.pt", weights_only=True)
+        controller_state = json.loads((path / "controller.json").read_text(encoding="utf-8"))
+        run_state = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except Exception as e:  # anything unreadable is a damaged checkpoint, never a crash
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    return {
+        "path": path,
+        "step": manifest.get("step"),
+        "weights": path / "model.safetensors",  # load with safetensors.torch.load_model
+        "trainer": trainer_state,
+        "controller": controller_state,
+        "run": run_state,
+    }
+
+
+def latest_checkpoint(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest checkpoint that loads, and a warning for each newer one that did not."""
+    warnings: list[str] = []
+    for path in reversed(complete_checkpoints(root)):
+        try:
+            return load_checkpoint(path), warnings
+        except CheckpointError as e:
+            warnings.append(f"skipping damaged checkpoint: {e}")
+    return None, warnings
