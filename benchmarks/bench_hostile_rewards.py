@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=2.0, help="hard limit per call (s)")
     ap.add_argument("--workers", type=int, default=2, help="reward worker processes")
-    ap.add_argument(
-        "--max-chars", type=int, default=10_000_000, help="sandbox size limit (chars)"
-    )
+    ap.add_argument("--max-chars", type=int, default=10_000_000, help="sandbox size limit (chars)")
     ap.add_argument("--top", type=int, default=5, help="show this many slowest calls")
     args = ap.parse_args(argv)
 

@@ -196,5 +196,8 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
         cfg = TrainConfig.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(f"{where}: {format_errors(e)}") from None
-    cfg.scheduler_config()  # cross-field checks (update_batch <= rollout_batch) now
+    try:
+        cfg.scheduler_config()  # cross-field checks (update_batch <= rollout_batch) now
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return cfg

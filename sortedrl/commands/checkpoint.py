@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,10 @@ def save_checkpoint(
     try:
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
+        # Fault-injection tests widen the window in which a kill lands mid-write.
+        pause = float(os.environ.get("SORTEDRL_TEST_CHECKPOINT_PAUSE_S", "0") or 0)
+        if pause > 0:
+            time.sleep(pause)
         torch.save(trainer_state, tmp / "trainer.pt")
         _write_json(tmp / "controller.json", controller_state)
         _write_json(tmp / "run.json", run_state)

@@ -309,6 +309,8 @@ def _load_parquet(path: Path) -> list[MathRecord]:
 def load_math_file(path: str | Path) -> list[MathRecord]:
     """All records of a JSONL / JSON / Parquet file; raises InputFileError on any bad record."""
     p = Path(path)
+    if p.is_dir():
+        raise InputFileError(str(p), "is a directory, not a data file")
     if not p.is_file():
         raise InputFileError(str(p), "no such file")
     suffix = p.suffix.lower()

@@ -84,7 +84,12 @@ def entries() -> list[dict[str, Any]]:
         _rec("unbalanced", ("}", 50_000), ("\\boxed{2}", 1), ("{", 50_000)),
         _rec("unbalanced", ("\\frac{", 20_000), ("\\boxed{2", 1)),
         _rec("nested_sin", ("\\boxed{", 1), ("\\sin(", 100), ("x", 1), (")", 100), ("}", 1)),
-        _rec("nested_answer_tags", ("<answer>", 10_000), ("Zoey is a knight", 1), ("</answer>", 10_000)),
+        _rec(
+            "nested_answer_tags",
+            ("<answer>", 10_000),
+            ("Zoey is a knight", 1),
+            ("</answer>", 10_000),
+        ),
     ]
     # -- megabyte-long answers
     e += [
