@@ -11,7 +11,15 @@ from sortedrl.training.sft import encode_example
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt's token ids as the warm start and the trainer see them (BOS prepended)."""
+    """The prompt's token ids: through the tokenizer's chat template when it has one (a chat
+    model), else as the warm start sees them (BOS prepended)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
     ids, _ = encode_example(tokenizer, prompt, "")
     return ids
 
