@@ -24,7 +24,7 @@ class ModelSection(BaseModel):
     )
     tiny_size: str = Field("default", description="size of the embedded tiny model")
     warm_start_steps: int = Field(
-        300, ge=0, description="supervised steps on task solutions before RL (tiny model only)"
+        150, ge=0, description="supervised steps on task solutions before RL (tiny model only)"
     )
     warm_start_examples: int = Field(
         2048, ge=1, description="distinct task solutions the warm start draws from"
@@ -39,7 +39,7 @@ class TaskSection(BaseModel):
     name: Literal["reverse", "countdown", "knights_knaves", "math"] = "reverse"
     path: str | None = Field(None, description="math: a JSONL or Parquet file of problems")
     eval_path: str | None = Field(None, description="math: held-out problems (default: path)")
-    train_prompts: int = Field(1600, ge=1, description="prompts of RL data (one epoch)")
+    train_prompts: int = Field(6000, ge=1, description="prompts of RL data (one epoch)")
     eval_prompts: int = Field(200, ge=1, description="held-out prompts per evaluation")
     reward_fn: str | None = Field(
         None, description="your own reward, 'package.module:function(problem, response)'"
@@ -68,7 +68,7 @@ class SchedulerSection(BaseModel):
     rollout_batch: int = Field(32, ge=1)
     update_batch: int = Field(8, ge=1)
     cache: Literal["drop", "keep"] = "keep"
-    max_staleness: int = Field(1, ge=0)
+    max_staleness: int = Field(2, ge=0)
     max_regenerations: int = Field(2, ge=0)
     admission: Literal["auto", "round", "fill"] = "auto"
     filter_equal_rewards: bool = False
@@ -76,7 +76,9 @@ class SchedulerSection(BaseModel):
 
 class EvalSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    every_updates: int = Field(0, ge=0, description="evaluate every N updates (0: before/after)")
+    every_updates: int = Field(
+        250, ge=0, description="evaluate every N updates, besides before and after (0: never)"
+    )
     samples: int = Field(1, ge=1, description="responses per problem (mean@k)")
     temperature: float = Field(0.0, ge=0, description="0: greedy")
     sampled: int = Field(

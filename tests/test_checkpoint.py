@@ -1,0 +1,116 @@
+"""Checkpoints: atomic writes, verified loads, nothing unpickled, a full disk survived."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from sortedrl.commands.checkpoint import (  # noqa: E402
+    CheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+def _save(root, step, keep=3, model=None):
+    return save_checkpoint(
+        root,
+        step,
+        model=model or _model(),
+        trainer_state={"step": step, "rng": torch.get_rng_state(), "lists": [1, 2.5, None]},
+        controller_state={"format": 1, "step": step},
+        run_state={"history": [{"step": step}]},
+        keep=keep,
+    )
+
+
+def test_round_trip_and_keep_the_newest(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, keep=2)
+    names = [p.name for p in complete_checkpoints(tmp_path)]
+    assert names == ["step-00000003", "step-00000004"]
+    ck = load_checkpoint(tmp_path / "step-00000004")
+    assert ck["step"] == 4 and ck["trainer"]["step"] == 4
+    assert ck["controller"] == {"format": 1, "step": 4}
+    from safetensors.torch import load_model
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    load_model(m, str(ck["weights"]))
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.parameters(), _model().parameters(), strict=True)
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_manifest", "bad_manifest"])
+def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    target = newest / "model.safetensors"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:20])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete_manifest":
+        (newest / "MANIFEST.json").unlink()
+    else:
+        (newest / "MANIFEST.json").write_text("{not json")
+    if damage != "delete_manifest":
+        with pytest.raises(CheckpointError, match=str(newest.name)):
+            load_checkpoint(newest)
+    found, warnings = latest_checkpoint(tmp_path)
+    assert found is not None and found["step"] == 1
+    assert len(warnings) == (0 if damage == "delete_manifest" else 1)
+
+
+def test_nothing_is_unpickled_from_a_checkpoint(tmp_path):
+    import hashlib
+
+    newest = _save(tmp_path, 1)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"payload": Evil()}, newest / "trainer.pt")
+    # Make the manifest agree, as an attacker would: the load must still refuse.
+    manifest = json.loads((newest / "MANIFEST.json").read_text())
+    data = (newest / "trainer.pt").read_bytes()
+    manifest["files"]["trainer.pt"] = {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    (newest / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(newest)
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    previous = _save(tmp_path, 1)
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*step-00000001 is intact"):
+        _save(tmp_path, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # no partial directory
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+    assert load_checkpoint(previous)["step"] == 1
