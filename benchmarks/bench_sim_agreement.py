@@ -76,7 +76,8 @@ def calibrate(model, tok, capacity: int) -> tuple[float, float, float]:
     """(a, b, p): decode step `a + b*n` seconds, prefill `p` seconds per prompt token."""
     rng = random.Random(0)
     xs, ys, pre = [], [], []
-    for n in sorted({1, capacity // 8, capacity // 4, capacity // 2, capacity}):
+    sizes = sorted({min(capacity, 2**k) for k in range(capacity.bit_length())} | {capacity})
+    for n in sizes:
         n = max(1, n)
         eng = TransformersEngine(model, tok, capacity=n, temperature=1.0, stop_token_ids=[])
         reqs = [
@@ -93,19 +94,26 @@ def calibrate(model, tok, capacity: int) -> tuple[float, float, float]:
         ]
         eng.submit(reqs)
         first = eng.step().elapsed_s  # prefill of all n, plus a decode step
-        times = [eng.step().elapsed_s for _ in range(30)]
+        times = [eng.step().elapsed_s for _ in range(40)]
         times.sort()
         step = times[len(times) // 2]  # median: robust to a stray slow step
         xs.append(n)
         ys.append(step)
         pre.append(max(0.0, first - step) / (n * PROMPT_LEN))
         eng.pause()
+    # Least squares over capacities spaced 2x apart, so the few-sequence tail (where the
+    # bubble is decided) weighs as much as the full engine.
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
         (x - mx) ** 2 for x in xs
     )
     a = my - b * mx
-    return max(a, 1e-6), max(b, 1e-9), sorted(pre)[len(pre) // 2]
+    for x, y in zip(xs, ys, strict=True):
+        print(
+            f"[calibration] {x:3d} sequences: {y * 1e3:.2f} ms/step (model {(a + b * x) * 1e3:.2f})"
+        )
+    # Prefill per token as a full batch of new requests pays it (how every batch starts).
+    return max(a, 1e-6), max(b, 1e-9), pre[-1]
 
 
 def calibrated_preset(params: float, a: float, b: float, p: float, capacity: int) -> ClusterSpec:

@@ -106,3 +106,29 @@ def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
     for key in ("tokens_generated", "tokens_trained", "tokens_wasted", "eval_after"):
         assert s[key] == r[key], key
     print(f"\n[fault injection] {len(kills)} SIGKILLs at {kills}; resumed run matches")
+
+
+def test_sigterm_checkpoints_and_resume_finishes_exactly_once(tmp_path):
+    env = {**os.environ, "SORTEDRL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(out, resume=False), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while _lines(out / "metrics.jsonl") < 3 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in err.decode() and "--resume auto" in err.decode()
+    stopped_at = _lines(out / "metrics.jsonl")
+    assert list((out / "checkpoints").glob("step-*"))
+
+    subprocess.run(_cmd(out, resume=True), env=env, check=True, capture_output=True, timeout=600)
+    trace = [json.loads(x)["prompt_id"] for x in (out / "trace.jsonl").read_text().splitlines()]
+    assert len(trace) == len(set(trace)) == 24  # every prompt trained exactly once
+    s = json.loads((out / "summary.json").read_text())
+    assert s["prompts_admitted"] == s["prompts_trained"] == 24
+    assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
+    assert _lines(out / "metrics.jsonl") == 12 > stopped_at
