@@ -105,7 +105,36 @@ def test_repeated_updates_raise_the_rewarded_response():
     assert trainer.step == 8
 
 
-def test_stale_tokens_recompute_the_proximal_policy():
+def test_stale_tokens_need_no_extra_forward_pass_with_one_step():
+    # With one optimizer step the proximal policy is the current one: reusing the training
+    # pass's log-probs gives exactly the update an explicit recompute gives.
+    import sortedrl.training.trainer as trainer_module
+
+    def updated(recompute: bool):
+        model = tiny_llama()
+        trainer = GRPOTrainer(model, TrainerConfig(lr=1e-3))
+        batch = make_batch(model, 2, [1.0, 0.0, 0.0, 1.0], spans={2: [(0, 2), (2, 4)]})
+        real_build = trainer_module.build_rows
+
+        def build_and_fill(b, cfg):
+            rows, stats = real_build(b, cfg)
+            if recompute:
+                trainer._fill(rows, "logp_prox", trainer.model)
+            return rows, stats
+
+        trainer_module.build_rows = build_and_fill
+        try:
+            res = trainer.update(batch)
+        finally:
+            trainer_module.build_rows = real_build
+        assert res.stats["prox_recomputed"] == 0.0
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(updated(False), updated(True), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_stale_tokens_are_weighted_by_the_truncated_importance_ratio():
     model = tiny_llama()
     trainer = GRPOTrainer(model, TrainerConfig(lr=1e-3))
     # response 2 (6 tokens): 2 from version 0, 4 from version 2; the batch trains version 2
@@ -117,7 +146,7 @@ def test_stale_tokens_recompute_the_proximal_policy():
     res = trainer.update(batch)
     assert not res.skipped
     s = res.stats
-    assert s["prox_recomputed"] == 1.0
+    assert s["prox_recomputed"] == 0.0  # one optimizer step: the training pass is proximal
     assert s["staleness_max"] == 2.0
     # staleness 2 on 2 of the 15 response tokens: mean 4 / 15
     assert s["staleness_mean"] == pytest.approx(4 / 15)

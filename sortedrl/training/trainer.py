@@ -5,9 +5,11 @@ One `update(batch)`:
 1. builds one `Row` per response: prompt + response ids, the loss mask, the behaviour log-probs
    from the engine, each token's staleness (`batch.version` minus the version that generated
    it, expanded from the run-length `version_spans`) and the group-relative advantage;
-2. recomputes the proximal log-probs without gradient when any token is stale or when the
-   update takes more than one optimizer step; otherwise the current log-probs (detached) are
-   the proximal ones and no extra forward pass is spent;
+2. recomputes the proximal log-probs without gradient when the update takes more than one
+   optimizer step. With one step the proximal policy *is* the current one, so the training
+   forward pass's own log-probs (detached) are the proximal ones, stale tokens or not (their
+   staleness enters through the behaviour/proximal importance weight), and no extra forward
+   pass is spent;
 3. runs `ppo_epochs x mini_batches` optimizer steps; each step accumulates gradients over
    length-sorted micro-batches packed to `max_tokens_per_micro_batch` tokens, clips the
    gradient norm and steps AdamW and the warm-up + cosine schedule. A non-finite loss or
@@ -237,7 +239,7 @@ class GRPOTrainer:
         cfg = self.config
         rows, stats = build_rows(batch, cfg)
         n_steps = cfg.ppo_epochs * cfg.mini_batches
-        need_prox = stats["staleness_max"] > 0 or n_steps > 1
+        need_prox = n_steps > 1  # see the module docstring, point 2
         stats["prox_recomputed"] = float(need_prox)
         if need_prox:
             self._fill(rows, "logp_prox", self.model)
