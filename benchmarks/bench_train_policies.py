@@ -20,6 +20,11 @@ from sortedrl.config import load_config
 POLICIES = {
     "sync": ["scheduler.policy=sync"],
     "sorted-keep": ["scheduler.policy=sorted", "scheduler.cache=keep"],
+    "sorted-keep-round": [
+        "scheduler.policy=sorted",
+        "scheduler.cache=keep",
+        "scheduler.admission=round",
+    ],
     "sorted-drop": ["scheduler.policy=sorted", "scheduler.cache=drop"],
     "partial": ["scheduler.policy=partial"],
     "async": ["scheduler.policy=async"],

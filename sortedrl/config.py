@@ -58,6 +58,12 @@ class RolloutSection(BaseModel):
     max_new_tokens: int = Field(64, ge=1, description="response length cap")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    pause_for_update: bool | None = Field(
+        None,
+        description="pause the engine and free its KV cache for each update, re-prefilling the "
+        "partial responses after it (colocated on a GPU); false: keep the cache and go on "
+        "under the new weights; empty: pause unless the model runs on the CPU",
+    )
 
 
 class SchedulerSection(BaseModel):

@@ -54,6 +54,7 @@ configs = st.fixed_dictionaries(
         "seed": st.integers(0, 10_000),
         "sigma": st.floats(0.1, 1.5),
         "cap": st.integers(1, 200),
+        "pause": st.booleans(),
     }
 )
 
@@ -79,7 +80,9 @@ def _run(c: dict, max_updates: int | None = None):
     def scorer(gens, keys):
         return [float(rng.random() < 0.5) for _ in gens], 0.0
 
-    result = run(ctl, engine, trainer, scorer=scorer, max_updates=max_updates)
+    result = run(
+        ctl, engine, trainer, scorer=scorer, max_updates=max_updates, pause_for_update=c["pause"]
+    )
     return cfg, result, engine, trainer
 
 

@@ -434,7 +434,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             )
         every = cfg.checkpoint.every_updates
         if every and record.step % every == 0 and controller.colocated:
-            checkpoint(record.step)  # between updates nothing runs: the state is complete
+            running = current["engine"]
+            if running.num_unfinished():  # the engine kept its responses over the update
+                controller.stop(running.pause())  # they resume first, after the checkpoint
+            checkpoint(record.step)  # nothing runs now: the state is complete
+
+    pause_for_update = cfg.rollout.pause_for_update
+    if pause_for_update is None:  # a CPU has memory to spare: keep the KV cache over updates
+        pause_for_update = not str(device).startswith("cpu")
 
     def restart_engine() -> TransformersEngine:
         current["engine"] = make_engine(controller.version)
@@ -460,6 +467,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
                 should_stop=lambda: bool(stop_signal),
                 restart_engine=restart_engine,
                 max_engine_restarts=cfg.max_engine_restarts,
+                pause_for_update=pause_for_update,
             )
     except EngineFailedError as e:
         where = checkpoint(len(history))

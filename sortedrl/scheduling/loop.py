@@ -92,6 +92,7 @@ def run(
     should_stop: Callable[[], bool] | None = None,
     restart_engine: Callable[[], Engine] | None = None,
     max_engine_restarts: int = 3,
+    pause_for_update: bool = True,
 ) -> RunResult:
     """Run until the controller has trained or dropped every prompt, `max_updates` updates
     are done, or `should_stop()` says so (checked before every engine step).
@@ -99,11 +100,17 @@ def run(
     An engine whose `step` raises is replaced by `restart_engine()` (its requests go back to
     the controller's queue); after `max_engine_restarts` failures in a row the run raises
     `EngineFailedError`, with the controller left consistent for a checkpoint.
+
+    Colocated policies pause the engine for an update (freeing its KV cache for the trainer)
+    and re-prefill the partial responses afterwards. With `pause_for_update=False` (memory to
+    spare, e.g. on a CPU) the engine only stops stepping: its responses keep their KV cache and
+    go on under the new weights, and those past the staleness limit are aborted.
     """
     clock = Clock(engine.capacity)
     loop = _Loop(controller, engine, trainer, clock, scorer, on_update)
     loop.should_stop = should_stop or (lambda: False)
     loop.restart_engine, loop.max_restarts = restart_engine, max_engine_restarts
+    loop.pause_for_update = pause_for_update
     if controller.colocated:
         loop.run_colocated(max_updates)
     else:
@@ -136,6 +143,7 @@ class _Loop:
         self.max_restarts = 3
         self.restarts = 0
         self._failures_in_a_row = 0
+        self.pause_for_update = True
 
     def _submit(self) -> None:
         free = self.engine.capacity - self.engine.num_unfinished()
@@ -204,7 +212,7 @@ class _Loop:
                 return
             engine = self.engine  # may have been restarted
             if ctl.update_due():
-                if engine.num_unfinished():
+                if engine.num_unfinished() and self.pause_for_update:
                     ctl.on_paused(engine.pause())
                 batch = ctl.take_update_batch()
                 result = self.trainer.update(batch)
