@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sortedrl.errors import ConfigError
+from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import PolicyName, SchedulerConfig
 from sortedrl.training.config import TrainerConfig
 
@@ -134,16 +134,7 @@ class TrainConfig(BaseModel):
                 max_new_tokens=self.rollout.max_new_tokens,
             )
         except ValidationError as e:
-            raise ConfigError(format_errors(e, "scheduler")) from None
-
-
-def format_errors(e: ValidationError, prefix: str = "") -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "config")
-        parts.append(f"{loc}: {err.get('msg')}")
-    return "; ".join(parts)
+            raise ConfigError(format_validation_error(e, "scheduler")) from None
 
 
 def _parse_value(text: str) -> Any:
@@ -203,7 +194,7 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     try:
         cfg = TrainConfig.model_validate(doc)
     except ValidationError as e:
-        raise ConfigError(f"{where}: {format_errors(e)}") from None
+        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
     try:
         cfg.scheduler_config()  # cross-field checks (update_batch <= rollout_batch) now
     except ConfigError as e:

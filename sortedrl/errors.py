@@ -1,5 +1,9 @@
 """User-facing errors: the CLI prints these as one clear message, never a traceback."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class SortedRLError(Exception):
     """A problem with the user's input (config, file, arguments) or environment."""
@@ -17,3 +21,13 @@ class InputFileError(SortedRLError):
         what = f" field '{field}':" if field else ""
         super().__init__(f"{where}:{what} {message}")
         self.path, self.line, self.field = path, line, field
+
+
+def format_validation_error(e: Any, prefix: str = "") -> str:
+    """A pydantic ValidationError as one line naming every bad field: `rollout.group_size: ...`."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "settings")
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)

@@ -7,22 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tiny_llama import tiny_llama  # noqa: E402
+
 from sortedrl.training.loss import policy_loss, token_logprobs  # noqa: E402
 from sortedrl.training.packing import Row, collate, plan_micro_batches  # noqa: E402
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def row(prompt, response, adv=1.0, mask=None, staleness=None, behav=None):

@@ -9,6 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tiny_llama import tiny_llama  # noqa: E402
+
 from sortedrl.errors import ConfigError  # noqa: E402
 from sortedrl.scheduling.protocol import (  # noqa: E402
     Trainer,
@@ -22,20 +24,6 @@ from sortedrl.training.trainer import GRPOTrainer, build_rows, lr_factor  # noqa
 
 PROMPT = [1, 5, 6, 7]
 RESPONSES = [[10, 11, 12, 2], [13, 14, 2], [15, 16, 17, 18, 19, 2], [20, 2]]
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 @torch.no_grad()

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from sortedrl.engines.costmodel import ClusterSpec, CostModel, get_preset
 from sortedrl.engines.simulated import CostModelTrainer, SimulatedEngine
-from sortedrl.errors import ConfigError
+from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import POLICIES, SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import RunResult, run
@@ -101,19 +103,8 @@ def scheduler_config(s: SimSettings, name: str, cap: int) -> SchedulerConfig:
             admission=s.admission,
             max_new_tokens=cap,
         )
-    except ValueError as e:  # pydantic's ValidationError is a ValueError
-        raise ConfigError(_pydantic_message(e)) from None
-
-
-def _pydantic_message(e: Exception) -> str:
-    errors = getattr(e, "errors", None)
-    if callable(errors):
-        parts = []
-        for err in errors():
-            loc = ".".join(str(x) for x in err.get("loc", ())) or "settings"
-            parts.append(f"{loc}: {err.get('msg')}")
-        return "; ".join(parts)
-    return str(e)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
 
 
 def _prompt_specs(workload: Workload, spec: ClusterSpec, n: int) -> list[PromptSpec]:

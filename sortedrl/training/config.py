@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sortedrl.errors import ConfigError
+from sortedrl.errors import ConfigError, format_validation_error
 
 TruncatedPolicy = Literal["keep", "mask", "zero_advantage"]
 
@@ -106,13 +106,4 @@ class TrainerConfig(BaseModel):
         try:
             return cls.model_validate(data or {})
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, where)) from None
-
-
-def format_validation_error(e: ValidationError, where: str) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        path = f"{where}.{loc}" if loc else where
-        lines.append(f"{path}: {err['msg']}")
-    return "invalid config: " + "; ".join(lines)
+            raise ConfigError("invalid config: " + format_validation_error(e, where)) from None
