@@ -8,6 +8,7 @@ stale work is handled (`SchedulerConfig.staleness_limit`) are shared by all of t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 from sortedrl.scheduling.config import SchedulerConfig
@@ -28,14 +29,14 @@ class PolicyView(Protocol):
     def generating_groups(self) -> int: ...  # open groups not yet complete
 
 
-class Policy:
+class Policy(ABC):
     name = "base"
     colocated = True  # engine and trainer share the devices and take turns
 
+    @abstractmethod
     def prompts_to_admit(self, view: PolicyView, free_slots: int) -> int:
         """New prompts to admit now; `free_slots` is what the engine could start beyond the
         controller's own queue."""
-        raise NotImplementedError
 
 
 class Sync(Policy):
