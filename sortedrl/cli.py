@@ -177,6 +177,7 @@ def _print_sim_table(doc: dict[str, Any]) -> None:
     default=None,
     help="'auto' (newest complete checkpoint of --out), a run directory or a checkpoint",
 )
+@click.option("--model", "model_path", default=None, help="a Hugging Face model directory")
 @click.argument("overrides", nargs=-1)
 @friendly_errors
 def train(
@@ -184,6 +185,7 @@ def train(
     out_dir: str,
     no_progress: bool,
     resume: str | None,
+    model_path: str | None,
     overrides: tuple[str, ...],
 ) -> None:
     """RL-train a model on a task (GRPO, transformers engine); KEY=VALUE overrides settings,
@@ -192,7 +194,9 @@ def train(
     from sortedrl.commands.train import train as run_train
     from sortedrl.config import load_config
 
-    cfg = load_config(config_path, list(overrides) + ([f"resume={resume}"] if resume else []))
+    extra = [f"resume={resume}"] if resume else []
+    extra += [f"model.path={model_path}"] if model_path else []
+    cfg = load_config(config_path, list(overrides) + extra)
     try:
         s = run_train(cfg, out_dir, progress=not no_progress)
     except RunInterrupted as e:

@@ -38,6 +38,19 @@ def test_sorted_trains_short_groups_first_within_a_round():
     assert order == [["p6", "p1"], ["p7", "p3"], ["p4", "p2"], ["p0", "p5"]]
 
 
+def test_bubble_is_reported_per_round():
+    # Two sync rounds of 2 prompts x 2 responses on 16 slots: each round's rollout runs as
+    # long as its longest response while its shorter group leaves 2 slots busy, then 2.
+    lengths = {f"p{i}": L for i, L in enumerate([50, 10, 40, 20])}
+    cfg = SchedulerConfig(policy="sync", group_size=2, update_batch=2, max_new_tokens=100)
+    res = run(Controller(cfg, _prompts(4)), SteppingEngine(16, _by_prompt(lengths)), UnitTrainer())
+    # round 0: busy 4*10 + 2*40 = 120 slot-steps of 16*50; round 1: 4*20 + 2*20 = 120 of 16*40
+    assert res.summary["round_bubble_ratio"] == [
+        pytest.approx(1 - 120 / 800, abs=1e-4),
+        pytest.approx(1 - 120 / 640, abs=1e-4),
+    ]
+
+
 def test_sync_waits_for_the_whole_batch():
     lengths = {f"p{i}": L for i, L in enumerate([50, 10, 40, 20])}
     cfg = SchedulerConfig(policy="sync", group_size=2, update_batch=2, max_new_tokens=100)

@@ -128,3 +128,13 @@ def test_missing_model_path_is_a_config_error(tmp_path):
     cfg = load_config(None, [f"model.path={tmp_path}"])
     with pytest.raises(ConfigError, match="config.json"):
         prepare_model(cfg)
+
+
+def test_train_model_flag_names_a_missing_directory(tmp_path):
+    from click.testing import CliRunner
+
+    from sortedrl.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--out", str(tmp_path), "--model", "/nonexistent"])
+    assert res.exit_code == 2
+    assert "model.path: /nonexistent is not a directory" in res.output

@@ -90,6 +90,11 @@ class Controller:
     def colocated(self) -> bool:
         return self.policy.colocated
 
+    def current_round(self) -> int:
+        """The oldest round (rollout batch) with a prompt still open; -1 when none is."""
+        first = next(iter(self._groups.values()), None)
+        return first.round if first is not None else -1
+
     def response_key(self, request_id: str) -> tuple[str, int]:
         """(prompt_id, sample_index) of a running request."""
         seq = self._running[request_id]

@@ -170,13 +170,14 @@ class _Loop:
 
     def _generate(self, advance: bool = True) -> float:
         """One engine step; returns its elapsed time."""
+        round_ = self.ctl.current_round()
         try:
             report = self.engine.step()
         except Exception as e:  # the engine died: requeue its work, restart it
             self._engine_failed(e)
             return 0.0
         self._failures_in_a_row = 0
-        self.clock.add_generation(report.elapsed_s, report.busy_slot_s, advance)
+        self.clock.add_generation(report.elapsed_s, report.busy_slot_s, advance, round_)
         rewards = None
         if self.scorer is not None and report.finished:
             keys = [self.ctl.response_key(g.request_id) for g in report.finished]

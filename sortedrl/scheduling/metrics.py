@@ -86,15 +86,22 @@ class Clock:
         self.generating_s = 0.0
         self.busy_slot_s = 0.0
         self._since_update = [0.0, 0.0]  # generating_s, busy_slot_s since the last update
+        self.rounds: dict[int, list[float]] = {}  # round -> [generating_s, busy_slot_s]
         self.timeline = Timeline()
 
     def add(self, phase: str, seconds: float) -> None:
         self.phases[phase] += seconds
         self.t += seconds
 
-    def add_generation(self, elapsed_s: float, busy_slot_s: float, advance: bool = True) -> None:
-        """An engine step. `advance=False` when the step overlapped other work (async)."""
+    def add_generation(
+        self, elapsed_s: float, busy_slot_s: float, advance: bool = True, round_: int = -1
+    ) -> None:
+        """An engine step, spent on the oldest open `round_`. `advance=False` when the step
+        overlapped other work (async)."""
         self.timeline.add(self.t, elapsed_s, busy_slot_s)
+        r = self.rounds.setdefault(round_, [0.0, 0.0])
+        r[0] += elapsed_s
+        r[1] += busy_slot_s
         self.generating_s += elapsed_s
         self.busy_slot_s += busy_slot_s
         self._since_update[0] += elapsed_s
@@ -180,6 +187,10 @@ def summarize(
         "updates": len(ledger.updates),
         "update_mean_response_len": [round(u.mean_response_len, 1) for u in ledger.updates],
         "update_bubble_ratio": [round(u.bubble_ratio, 4) for u in ledger.updates],
+        "round_bubble_ratio": [
+            round(bubble_ratio(busy, clock.capacity, gen), 4)
+            for _, (gen, busy) in sorted(clock.rounds.items())
+        ],
         "goodput_tokens_per_s": goodput(ledger.tokens_trained, wall),
         "goodput_samples_per_s": goodput(ledger.samples_trained, wall),
     }
