@@ -45,8 +45,12 @@ class TaskSection(BaseModel):
         None, description="your own reward, 'package.module:function(problem, response)'"
     )
     reward_timeout_s: float = Field(5.0, gt=0, description="hard limit per reward call")
-    reward_workers: int = Field(
-        0, ge=0, description="reward worker processes (0: in-process, for trusted fast tasks)"
+    reward_workers: int | None = Field(
+        None,
+        ge=0,
+        description="reward worker processes, each call under a hard time limit; 0 scores "
+        "in-process without one; empty: 2 for math and your own reward_fn (untrusted output "
+        "meets sympy or unknown code), 0 for the built-in linear-time verifiers",
     )
 
 

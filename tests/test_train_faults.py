@@ -101,3 +101,21 @@ def test_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tmp_path, 
 
     found, warnings = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert found is not None and found["step"] == 6 and not warnings
+
+
+def test_untrusted_rewards_are_sandboxed_by_default(tmp_path):
+    from sortedrl.commands.train import _make_score_fn, build_task
+    from sortedrl.tasks.rewards import RewardRunner
+
+    data = tmp_path / "m.jsonl"
+    data.write_text('{"problem": "1+1?", "answer": "2"}\n')
+    cfg = load_config(None, ["task.name=math", f"task.path={data}"])
+    scorer, close = _make_score_fn(cfg, build_task(cfg))
+    try:
+        assert isinstance(scorer, RewardRunner) and scorer.n_workers == 2
+    finally:
+        close()
+    cfg = load_config(None, [])  # the built-in reverse verifier: in-process
+    scorer, close = _make_score_fn(cfg, build_task(cfg))
+    assert not isinstance(scorer, RewardRunner)
+    close()

@@ -192,10 +192,11 @@ def _make_score_fn(cfg: TrainConfig, task: Any) -> tuple[Any, Any]:
     from sortedrl.tasks.rewards import RewardRunner, load_reward_fn
 
     target: Any = load_reward_fn(cfg.task.reward_fn) if cfg.task.reward_fn else task
-    if cfg.task.reward_workers > 0 or cfg.task.reward_fn:
-        runner = RewardRunner(
-            target, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers
-        )
+    workers = cfg.task.reward_workers
+    if workers is None:  # sandbox whatever is not a built-in linear-time verifier
+        workers = 2 if cfg.task.reward_fn or cfg.task.name == "math" else 0
+    if workers > 0 or cfg.task.reward_fn:
+        runner = RewardRunner(target, timeout_s=cfg.task.reward_timeout_s, workers=workers)
         return runner, runner.close
     return task, (lambda: None)
 
