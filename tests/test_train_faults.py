@@ -119,3 +119,16 @@ def test_untrusted_rewards_are_sandboxed_by_default(tmp_path):
     scorer, close = _make_score_fn(cfg, build_task(cfg))
     assert not isinstance(scorer, RewardRunner)
     close()
+
+
+def test_resume_with_other_settings_is_refused_by_name(tmp_path):
+    from sortedrl.commands.train import train
+    from sortedrl.errors import ConfigError
+
+    out = tmp_path / "run"
+    train(load_config(None, [*TINY, "max_updates=2"]), out, progress=False)
+    with pytest.raises(ConfigError, match="settings differ.*trainer.lr"):
+        train(load_config(None, [*TINY, "trainer.lr=0.5", "resume=auto"]), out, progress=False)
+    # The same settings (a longer budget is not a setting of the run) go on.
+    s = train(load_config(None, [*TINY, "resume=auto"]), out, progress=False)
+    assert s["prompts_trained"] == 16 and s["resumed_from"]

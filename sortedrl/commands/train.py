@@ -240,6 +240,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     device = cfg.model.device
 
     run_state: dict[str, Any] = resumed["run"] if resumed else {}
+    if resumed and run_state.get("settings") not in (None, _run_settings(cfg)):
+        old, new = run_state["settings"], _run_settings(cfg)
+        diff = sorted(_flat_diff(old, new))
+        raise ConfigError(
+            f"cannot resume from {resumed['path']}: settings differ from the checkpointed "
+            f"run's ({', '.join(diff)}); resume with the same settings or start a new --out"
+        )
     evals: list[dict[str, Any]] = run_state.get("evals", [])
     if resumed:
         eval_before = run_state["eval_before"]
@@ -341,6 +348,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             "trace_lines": trace_lines,
             "elapsed_s": elapsed_before + time.perf_counter() - t_start,
             "scores": [[k[0], k[1], v.reward, v.correct, v.format_ok] for k, v in scores.items()],
+            "settings": _run_settings(cfg),
         }
         return save_checkpoint(
             ckpt_root,
@@ -556,6 +564,29 @@ def _find_resume(cfg: TrainConfig, ckpt_root: Path) -> dict[str, Any] | None:
     if found is None and cfg.resume != "auto":
         raise ConfigError(f"resume: no complete checkpoint under {root}")
     return found
+
+
+def _run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the checkpointed one (not how it is run)."""
+    doc = cfg.model_dump(mode="json")
+    for key in (
+        "resume",
+        "checkpoint",
+        "max_updates",
+        "max_skipped_updates",
+        "max_engine_restarts",
+    ):
+        doc.pop(key, None)
+    return doc
+
+
+def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _flat_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _open_log(path: Path, keep_lines: int) -> Any:
