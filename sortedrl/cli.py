@@ -74,7 +74,6 @@ def simulate(**kw: Any) -> None:
     from sortedrl.sim.simulate import (
         SimSettings,
         build_workload,
-        expected_updates,
         parse_policies,
         simulate,
     )
@@ -103,7 +102,6 @@ def simulate(**kw: Any) -> None:
         seed=kw["seed"],
         async_rollout_gpus=kw["async_rollout_gpus"],
     )
-    total = expected_updates(kw["prompts"], kw["update_batch"]) * kw["update_batch"]
     with Progress(
         TextColumn("{task.description:>12}"),
         BarColumn(),
@@ -113,7 +111,7 @@ def simulate(**kw: Any) -> None:
         console=console,
         transient=False,
     ) as bar:
-        tasks = {p: bar.add_task(p, total=min(total, kw["prompts"])) for p in policies}
+        tasks = {p: bar.add_task(p, total=kw["prompts"]) for p in policies}
         doc = simulate(settings, workload, lambda name, n: bar.advance(tasks[name], n))
     timelines = doc.pop("_timelines")
     _print_sim_table(doc)

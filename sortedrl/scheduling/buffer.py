@@ -55,6 +55,3 @@ class RolloutBuffer:
     def take_cached(self) -> list[Seq]:
         cached, self._cached = self._cached, []
         return cached
-
-    def num_cached(self) -> int:
-        return len(self._cached)

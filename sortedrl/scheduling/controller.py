@@ -100,13 +100,6 @@ class Controller:
         seq = self._running[request_id]
         return seq.group.prompt_id, seq.index
 
-    def num_running(self) -> int:
-        return len(self._running)
-
-    def num_queued(self) -> int:
-        assert self._n_queued >= 0
-        return self._n_queued
-
     @property
     def exhausted(self) -> bool:
         return self._next_spec is None

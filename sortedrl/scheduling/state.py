@@ -89,6 +89,3 @@ class Group:
     @property
     def open(self) -> bool:
         return self.state in (GroupState.ACTIVE, GroupState.COMPLETE)
-
-    def mean_response_len(self) -> float:
-        return sum(s.n_tokens for s in self.seqs) / max(1, len(self.seqs))

@@ -7,7 +7,6 @@ scheduling alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,7 +207,3 @@ def _best_async(s, workload, spec, report):
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
-
-
-def expected_updates(prompts: int, update_batch: int) -> int:
-    return math.ceil(prompts / update_batch)
