@@ -203,7 +203,7 @@ def train(
     b, a = s["eval_before"], s["eval_after"]
     out.print(
         f"eval accuracy {b['accuracy']:.3f} -> {a['accuracy']:.3f}, "
-        f"mean reward {b['mean_reward']:.3f} -> {a['mean_reward']:.3f}; "
+        f"mean reward {b['reward_mean']:.3f} -> {a['reward_mean']:.3f}; "
         f"bubble ratio {s['bubble_ratio']:.1%}; {s['updates']} updates in {s['wall_time_s']:.0f} s"
     )
     console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, report.png, model/, tb/")
@@ -251,7 +251,7 @@ def eval_command(**kw: Any) -> None:
     )
     out.print(
         f"{kw['task_name']}: pass@1 {scores['pass@1']:.3f} (mean@{kw['samples']} at temperature "
-        f"{kw['temperature']}), mean reward {scores['mean_reward']:.3f} over "
+        f"{kw['temperature']}), mean reward {scores['reward_mean']:.3f} over "
         f"{len(problems)} problems"
     )
     if kw["json_path"]:

@@ -58,7 +58,7 @@ LEDGER_KEYS = [
     "max_staleness_trained",
     "staleness_histogram",
     "updates",
-    "update_mean_response_len",
+    "update_response_len_mean",
     "samples_trained",
 ]
 

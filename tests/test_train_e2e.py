@@ -44,7 +44,7 @@ def test_train_writes_outputs_and_counts_balance(tmp_path, monkeypatch):
         assert key in doc, key
     for ev in (doc["eval_before"], doc["eval_after"]):
         assert 0.0 <= ev["pass@1"] <= 1.0
-        assert {"accuracy", "mean_reward", "response_len_mean"} <= set(ev)
+        assert {"accuracy", "reward_mean", "response_len_mean"} <= set(ev)
     assert summary["updates"] == doc["updates"]
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +57,7 @@ def test_train_writes_outputs_and_counts_balance(tmp_path, monkeypatch):
             "accuracy",
             "response_len_mean",
             "bubble_ratio",
-            "max_staleness",
+            "max_staleness_trained",
             "samples_trained",
             "time_s",
         ):

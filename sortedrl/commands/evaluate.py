@@ -43,7 +43,7 @@ def evaluate(
     """Generate `samples` responses per problem and score them with `task.score`.
 
     Returns pass@1 (= accuracy: the mean share of correct responses, mean@k over samples),
-    mean_reward, format_ok and response_len_mean (tokens). The model is left in the training
+    reward_mean, format_ok and response_len_mean (tokens). The model is left in the training
     mode it was in.
     """
     from sortedrl.engines.transformers_engine import TransformersEngine
@@ -98,7 +98,7 @@ def evaluate(
     return {
         "pass@1": acc,
         "accuracy": acc,
-        "mean_reward": sum(rewards) / n,
+        "reward_mean": sum(rewards) / n,
         "format_ok": sum(fmt) / n,
         "response_len_mean": sum(lengths) / n,
         "problems": len(problems),

@@ -183,7 +183,7 @@ def _eval(cfg: TrainConfig, model: Any, tokenizer: Any, task: Any, problems: lis
     if cfg.eval.sampled:
         sampled = score(cfg.eval.sampled, cfg.rollout.temperature)
         result["sampled_accuracy"] = sampled["accuracy"]
-        result["sampled_mean_reward"] = sampled["mean_reward"]
+        result["sampled_reward_mean"] = sampled["reward_mean"]
     return result
 
 
@@ -396,10 +396,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             "policy_version": record.policy_version,
             "reward_mean": record.reward_mean,
             "accuracy": n_correct / n if n else 0.0,
-            "response_len_mean": record.mean_response_len,
+            "response_len_mean": record.response_len_mean,
             "bubble_ratio": record.bubble_ratio,
-            "max_staleness": record.max_staleness,
-            "mean_staleness": record.mean_staleness,
+            "max_staleness_trained": record.max_staleness_trained,
+            "mean_staleness_trained": record.mean_staleness_trained,
             "groups": record.groups,
             "samples": record.samples,
             "tokens": record.tokens,
@@ -415,7 +415,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             ev = _eval(cfg, model, tokenizer, task, eval_problems)
             evals.append({"step": record.step, **ev})
             line["eval_accuracy"] = ev["accuracy"]
-            line["eval_mean_reward"] = ev["mean_reward"]
+            line["eval_reward_mean"] = ev["reward_mean"]
         history.append(line)
         metrics_file.write(json.dumps(line) + "\n")
         metrics_file.flush()
@@ -431,7 +431,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             bar_task,
             advance=1,
             info=f"reward {record.reward_mean:.3f} acc {line['accuracy']:.2f} "
-            f"len {record.mean_response_len:.0f}",
+            f"len {record.response_len_mean:.0f}",
         )
         skipped_in_a_row = skipped_in_a_row + 1 if record.skipped else 0
         if skipped_in_a_row >= cfg.max_skipped_updates:
@@ -500,7 +500,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     eval_after = _eval(cfg, model, tokenizer, task, eval_problems)
     if not evals or evals[-1]["step"] != len(history):
         evals.append({"step": len(history), **eval_after})
-    for k in ("accuracy", "mean_reward", "response_len_mean"):
+    for k in ("accuracy", "reward_mean", "response_len_mean"):
         writer.add_scalar(f"eval/{k}", eval_before[k], 0)
         writer.add_scalar(f"eval/{k}", eval_after[k], len(history))
     writer.close()

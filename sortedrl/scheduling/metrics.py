@@ -32,9 +32,9 @@ class UpdateRecord:
     groups: int
     samples: int
     tokens: int
-    mean_response_len: float
-    max_staleness: int
-    mean_staleness: float
+    response_len_mean: float
+    max_staleness_trained: int
+    mean_staleness_trained: float
     time_s: float  # run time when the update finished
     bubble_ratio: float  # over the rollout since the previous update
     reward_mean: float
@@ -185,7 +185,7 @@ def summarize(
         "mean_staleness_trained": ledger.mean_staleness_trained,
         "staleness_histogram": {str(k): v for k, v in sorted(ledger.staleness_hist.items())},
         "updates": len(ledger.updates),
-        "update_mean_response_len": [round(u.mean_response_len, 1) for u in ledger.updates],
+        "update_response_len_mean": [round(u.response_len_mean, 1) for u in ledger.updates],
         "update_bubble_ratio": [round(u.bubble_ratio, 4) for u in ledger.updates],
         "round_bubble_ratio": [
             round(bubble_ratio(busy, clock.capacity, gen), 4)
