@@ -31,7 +31,7 @@ from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.protocol import Request, UpdateBatch, UpdateResult
 from sortedrl.scheduling.state import PromptSpec
-from sortedrl.sim.workload import Workload
+from sortedrl.workload import Workload
 from sortedrl.tasks.reverse import ALPHABET
 
 PROMPT_LEN = 8

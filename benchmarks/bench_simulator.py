@@ -22,7 +22,7 @@ from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.state import PromptSpec
-from sortedrl.sim.workload import Workload
+from sortedrl.workload import Workload
 
 
 def simulate(

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from sortedrl.cli import main
 from sortedrl.config import TrainConfig, load_config
 from sortedrl.errors import ConfigError, InputFileError
-from sortedrl.sim.workload import load_trace
+from sortedrl.workload import load_trace
 from sortedrl.tasks.math import load_math_file
 
 MB = 1024 * 1024

@@ -24,7 +24,7 @@ from sortedrl.scheduling.protocol import (
     TrainSample,
     UpdateBatch,
 )
-from sortedrl.sim.workload import Workload
+from sortedrl.workload import Workload
 
 TINY = get_preset("test-tiny")
 # 200 KV tokens per replica: 8 running sequences of up to 80 tokens must preempt.

@@ -82,7 +82,7 @@ def test_train_writes_outputs_and_counts_balance(tmp_path, monkeypatch):
     assert len(cached) == 1 and (cached[0] / "config.json").is_file()
 
     # The run wrote its own length trace, which the simulator reads back.
-    from sortedrl.sim.workload import Workload
+    from sortedrl.workload import Workload
 
     trace = Workload.from_trace(str(out / "trace.jsonl"), cap=64)
     assert len(trace) == doc["prompts_trained"] and trace.group_size == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sortedrl.errors import ConfigError, InputFileError
-from sortedrl.sim.workload import (
+from sortedrl.workload import (
     Workload,
     default_lengths_spec,
     load_trace,

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 from sortedrl.errors import ConfigError
-from sortedrl.sim.workload import default_lengths_spec
+from sortedrl.workload import default_lengths_spec
 
 GiB = 2**30
 
@@ -86,7 +86,7 @@ class ClusterSpec:
     sync_bandwidth_bytes_per_s: float  # effective trainer -> engine weight transfer
     sync_overhead_s: float  # per weight sync: gather, reload, cache reset
     extra_forward_passes: int = 1  # per update, e.g. recomputing the proximal log-probs
-    default_lengths: str = ""  # a length spec (see sortedrl.sim.workload) typical for the cap
+    default_lengths: str = ""  # a length spec (see sortedrl.workload) typical for the cap
     notes: str = ""
 
     def with_gpus(self, gpus: int) -> ClusterSpec:

@@ -54,7 +54,7 @@ from sortedrl.scheduling.protocol import (
     UpdateResult,
     VersionSpans,
 )
-from sortedrl.sim.workload import Workload
+from sortedrl.workload import Workload
 
 _WAITING, _RUNNING, _DONE = 0, 1, 2
 _EPS = 1e-9  # seconds: float slack when comparing a replica's clock with the engine's

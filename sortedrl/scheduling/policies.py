@@ -67,7 +67,7 @@ class Sorted(Policy):
         return max(0, cfg.update_batch - view.open_groups)
 
 
-class Partial(Policy):
+class PartialRollout(Policy):
     """Kimi k1.5 / APRIL partial rollout: keep `rollout_batch` prompts in flight, update at
     `update_batch` complete groups, resume the unfinished ones first in the next step."""
 
@@ -94,7 +94,7 @@ class Async(Policy):
 POLICY_CLASSES: dict[str, type[Policy]] = {
     "sync": Sync,
     "sorted": Sorted,
-    "partial": Partial,
+    "partial": PartialRollout,
     "async": Async,
 }
 

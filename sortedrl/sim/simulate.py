@@ -20,7 +20,7 @@ from sortedrl.scheduling.config import POLICIES, SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import RunResult, run
 from sortedrl.scheduling.state import PromptSpec
-from sortedrl.sim.workload import Workload
+from sortedrl.workload import Workload
 
 # `sorted-drop` / `sorted-keep` let one run compare both cache policies.
 VARIANTS = {"sorted-drop": ("sorted", "drop"), "sorted-keep": ("sorted", "keep")}

@@ -12,7 +12,7 @@ def _task_classes() -> dict[str, type]:
     from sortedrl.tasks.knights_knaves import KnightsKnavesTask
     from sortedrl.tasks.math import MathTask
     from sortedrl.tasks.reverse import ReverseTask
-    from sortedrl.tasks.synthetic import SyntheticTask
+    from sortedrl.tasks.countdown import SyntheticTask
 
     return {
         "reverse": ReverseTask,
