@@ -22,7 +22,7 @@ from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.state import PromptSpec
-from sortedrl.workload import Workload
+from sortedrl.workload import Workload, default_lengths_spec
 
 
 def simulate(
@@ -38,12 +38,14 @@ def simulate(
             accelerator=big,
             max_num_seqs=capacity_per_replica,
             response_cap=2048,
-            default_lengths="lognormal:median=300,sigma=0.8",
         )
+        lengths = "lognormal:median=300,sigma=0.8"
+    else:
+        lengths = default_lengths_spec(spec.response_cap)
     g = 8
     prompts = responses // g
     ids = [f"p{i}" for i in range(prompts)]
-    workload = Workload.from_spec(spec.default_lengths, spec.response_cap, g, ids, seed=0)
+    workload = Workload.from_spec(lengths, spec.response_cap, g, ids, seed=0)
     cfg = SchedulerConfig(
         policy="sorted",
         cache="keep",

@@ -24,7 +24,7 @@ from sortedrl.scheduling.protocol import (
     TrainSample,
     UpdateBatch,
 )
-from sortedrl.workload import Workload
+from sortedrl.workload import Workload, default_lengths_spec
 
 TINY = get_preset("test-tiny")
 # 200 KV tokens per replica: 8 running sequences of up to 80 tokens must preempt.
@@ -363,7 +363,7 @@ def test_submit_errors():
 
 def test_gpu_override_for_async_splits():
     llama = get_preset("llama3.1-8b-h100")
-    w = Workload.from_spec(llama.default_lengths, llama.response_cap, 8)
+    w = Workload.from_spec(default_lengths_spec(llama.response_cap), llama.response_cap, 8)
     assert SimulatedEngine(llama, w, gpus=4).capacity == 4 * llama.max_num_seqs
     full = SimulatedEngine(llama, w).capacity
     assert full == 8 * llama.max_num_seqs
@@ -457,7 +457,7 @@ def test_paper_scale_simulation_is_fast_and_sane():
     spec = get_preset("llama3.1-8b-h100")
     prompts, group = 2500, 8
     w = Workload.from_spec(
-        spec.default_lengths, spec.response_cap, group, (f"p{i}" for i in range(prompts))
+        default_lengths_spec(spec.response_cap), spec.response_cap, group, (f"p{i}" for i in range(prompts))
     )
     e = SimulatedEngine(spec, w)
     total = prompts * group

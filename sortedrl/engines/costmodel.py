@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, replace
 
 from sortedrl.errors import ConfigError
-from sortedrl.workload import default_lengths_spec
 
 GiB = 2**30
 
@@ -77,6 +76,8 @@ class ClusterSpec:
     max_num_seqs: int  # per replica (vLLM's max_num_seqs)
     gpu_memory_utilization: float  # share of GPU memory the rollout engine may use
     reserve_bytes_per_gpu: float  # activations, CUDA graphs, NCCL buffers: not KV cache
+    # The sequence shape the deployment is sized for (max_num_seqs and the KV check assume it);
+    # the lengths responses actually take come from the workload (sortedrl.workload).
     prompt_len: int
     response_cap: int
     training_mfu: float
@@ -86,7 +87,6 @@ class ClusterSpec:
     sync_bandwidth_bytes_per_s: float  # effective trainer -> engine weight transfer
     sync_overhead_s: float  # per weight sync: gather, reload, cache reset
     extra_forward_passes: int = 1  # per update, e.g. recomputing the proximal log-probs
-    default_lengths: str = ""  # a length spec (see sortedrl.workload) typical for the cap
     notes: str = ""
 
     def with_gpus(self, gpus: int) -> ClusterSpec:
@@ -335,9 +335,6 @@ TINY_GPU = AcceleratorSpec(
     source="made up for tests",
 )
 
-# A 16k reasoning workload: most responses 1-4k tokens, a long tail, ~2-3% cut at the cap.
-LENGTHS_16K = default_lengths_spec(16384)
-
 PRESETS: dict[str, ClusterSpec] = {
     "llama3.1-8b-h100": ClusterSpec(
         name="llama3.1-8b-h100",
@@ -357,7 +354,6 @@ PRESETS: dict[str, ClusterSpec] = {
         update_overhead_s=3.0,  # optimizer step + colocated switch (engine sleep/wake, offload)
         sync_bandwidth_bytes_per_s=20e9,  # effective: gather + per-tensor reload, not NVLink peak
         sync_overhead_s=1.0,
-        default_lengths=LENGTHS_16K,
         notes="timings are roofline estimates, not measurements",
     ),
     "qwen2.5-32b-h100": ClusterSpec(
@@ -377,7 +373,6 @@ PRESETS: dict[str, ClusterSpec] = {
         update_overhead_s=5.0,  # larger optimizer state to move when colocated
         sync_bandwidth_bytes_per_s=20e9,
         sync_overhead_s=1.5,
-        default_lengths=LENGTHS_16K,
         notes="timings are roofline estimates, not measurements",
     ),
     "test-tiny": ClusterSpec(
@@ -397,7 +392,6 @@ PRESETS: dict[str, ClusterSpec] = {
         update_overhead_s=0.01,
         sync_bandwidth_bytes_per_s=1e9,
         sync_overhead_s=0.001,
-        default_lengths="lognormal:median=20,sigma=0.8",
         notes="for tests only",
     ),
 }

@@ -54,7 +54,7 @@ from sortedrl.scheduling.protocol import (
     UpdateResult,
     VersionSpans,
 )
-from sortedrl.workload import Workload
+from sortedrl.workload import LengthModel
 
 _WAITING, _RUNNING, _DONE = 0, 1, 2
 _EPS = 1e-9  # seconds: float slack when comparing a replica's clock with the engine's
@@ -142,8 +142,7 @@ class SimulatedEngine:
     def __init__(
         self,
         preset: str | ClusterSpec,
-        workload: Workload,
-        seed: int = 0,
+        workload: LengthModel,
         gpus: int | None = None,
         max_event_steps: int = 4096,
         kv_watermark: float = 0.01,
@@ -153,7 +152,6 @@ class SimulatedEngine:
         self.cost = CostModel(spec, gpus=gpus)
         self.spec = self.cost.spec
         self.workload = workload
-        self.seed = seed  # unused: the engine is deterministic given the workload
         if max_event_steps < 1:
             raise ConfigError(f"max_event_steps must be >= 1, got {max_event_steps}")
         self.max_event_steps = max_event_steps

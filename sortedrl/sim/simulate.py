@@ -20,7 +20,7 @@ from sortedrl.scheduling.config import POLICIES, SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import RunResult, run
 from sortedrl.scheduling.state import PromptSpec
-from sortedrl.workload import Workload
+from sortedrl.workload import Workload, default_lengths_spec
 
 # `sorted-drop` / `sorted-keep` let one run compare both cache policies.
 VARIANTS = {"sorted-drop": ("sorted", "drop"), "sorted-keep": ("sorted", "keep")}
@@ -69,7 +69,7 @@ def build_workload(
         return workload
     ids = [f"p{i}" for i in range(prompts)]
     return Workload.from_spec(
-        lengths or spec.default_lengths, spec.response_cap, group_size or 8, ids, seed
+        lengths or default_lengths_spec(spec.response_cap), spec.response_cap, group_size or 8, ids, seed
     )
 
 
