@@ -60,7 +60,7 @@ def simulate(
     t0 = time.perf_counter()
     result = run(controller, engine, CostModelTrainer(spec))
     # An event: a request submitted (fresh, resumed or regenerated) and its result handled.
-    events = controller._next_request
+    events = controller.requests_submitted
     return time.perf_counter() - t0, result.summary, engine.capacity, events
 
 

@@ -187,7 +187,7 @@ def train(
     overrides: tuple[str, ...],
 ) -> None:
     """RL-train a model on a task (GRPO, transformers engine); KEY=VALUE overrides settings,
-    e.g. `rollout.group_size=8 scheduler.policy=sync`."""
+    e.g. `scheduler.group_size=8 scheduler.policy=sync`."""
     from sortedrl.commands.train import RunInterrupted
     from sortedrl.commands.train import train as run_train
     from sortedrl.config import load_config

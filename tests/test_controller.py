@@ -213,3 +213,35 @@ def test_unknown_request_from_engine_is_an_error():
     ctl = Controller(SchedulerConfig(policy="sync", update_batch=1, group_size=1), _prompts(1))
     with pytest.raises(RuntimeError, match="unknown"):
         ctl.on_generations([Generation("nope", "stop", 1, [(0, 1)])])
+
+
+@pytest.mark.parametrize(
+    "policy, setting, value",
+    [
+        ("sync", "cache", "drop"),
+        ("sync", "max_staleness", 2),
+        ("sync", "rollout_batch", 64),
+        ("sync", "admission", "fill"),
+        ("partial", "max_staleness", 3),
+        ("partial", "cache", "keep"),
+        ("async", "admission", "round"),
+    ],
+)
+def test_a_setting_the_policy_ignores_is_an_error_naming_it(policy, setting, value):
+    with pytest.raises(ValidationError, match=f"{setting} is set, but policy {policy} ignores"):
+        SchedulerConfig(policy=policy, **{setting: value})
+
+
+def test_sorted_with_drop_refuses_max_staleness_but_keep_uses_it():
+    with pytest.raises(ValidationError, match="max_staleness is set, but policy sorted with"):
+        SchedulerConfig(policy="sorted", cache="drop", max_staleness=1)
+    assert SchedulerConfig(policy="sorted", cache="keep", max_staleness=1).staleness_limit == 1
+
+
+def test_defaults_are_never_refused_and_for_policy_leaves_out_the_ignored():
+    for policy in ("sync", "sorted", "partial", "async"):
+        SchedulerConfig(policy=policy)  # nothing explicit: nothing refused
+    shared = {"cache": "drop", "max_staleness": 1, "rollout_batch": 8, "update_batch": 4}
+    cfg = SchedulerConfig.for_policy("sync", **shared)
+    assert cfg.model_fields_set == {"policy", "update_batch"}
+    assert SchedulerConfig.for_policy("async", **shared).max_staleness == 1

@@ -60,8 +60,8 @@ configs = st.fixed_dictionaries(
 
 
 def _run(c: dict, max_updates: int | None = None):
-    cfg = SchedulerConfig(
-        policy=c["policy"],
+    cfg = SchedulerConfig.for_policy(
+        c["policy"],
         cache=c["cache"],
         admission=c["admission"],
         group_size=c["group_size"],

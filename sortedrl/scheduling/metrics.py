@@ -9,7 +9,7 @@ second of wall time.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PHASES = ("rollout", "reward", "update", "weight_sync", "idle")
@@ -60,6 +60,32 @@ class Ledger:
         self.staleness_hist: Counter[int] = Counter()  # staleness -> trained tokens
         self.regenerations = 0  # responses restarted from scratch after their work was discarded
         self.updates: list[UpdateRecord] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "prompts_admitted": self.prompts_admitted,
+            "prompts_trained": self.prompts_trained,
+            "prompts_dropped": dict(self.prompts_dropped),
+            "samples_trained": self.samples_trained,
+            "tokens_generated": self.tokens_generated,
+            "tokens_trained": self.tokens_trained,
+            "tokens_wasted": dict(self.tokens_wasted),
+            "staleness_hist": {str(k): v for k, v in self.staleness_hist.items()},
+            "regenerations": self.regenerations,
+            "updates": [asdict(u) for u in self.updates],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts_admitted = state["prompts_admitted"]
+        self.prompts_trained = state["prompts_trained"]
+        self.prompts_dropped = Counter(state["prompts_dropped"])
+        self.samples_trained = state["samples_trained"]
+        self.tokens_generated = state["tokens_generated"]
+        self.tokens_trained = state["tokens_trained"]
+        self.tokens_wasted = Counter(state["tokens_wasted"])
+        self.staleness_hist = Counter({int(k): v for k, v in state["staleness_hist"].items()})
+        self.regenerations = state["regenerations"]
+        self.updates = [UpdateRecord(**u) for u in state["updates"]]
 
     def add_trained_spans(self, version: int, spans: list[tuple[int, int]]) -> None:
         for v, n in spans:
