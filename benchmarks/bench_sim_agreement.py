@@ -31,8 +31,8 @@ from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.protocol import Request, UpdateBatch, UpdateResult
 from sortedrl.scheduling.state import PromptSpec
-from sortedrl.workload import Workload
 from sortedrl.tasks.reverse import ALPHABET
+from sortedrl.workload import Workload
 
 PROMPT_LEN = 8
 

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from sortedrl.cli import main
 from sortedrl.config import TrainConfig, load_config
 from sortedrl.errors import ConfigError, InputFileError
-from sortedrl.workload import load_trace
 from sortedrl.tasks.math import load_math_file
+from sortedrl.workload import load_trace
 
 MB = 1024 * 1024
 OK_MATH = b'{"problem": "1 + 1?", "answer": "2"}\n'
@@ -230,7 +230,9 @@ def test_train_with_bad_config_keeps_existing_output(tmp_path):
     (out / "summary.json").write_text('{"earlier": "run"}\n')
     (out / "metrics.jsonl").write_text('{"update": 1}\n')
     before = _snapshot(out)
-    _cli_fails(["train", "--config", str(cfg), "--out", str(out)], "bad.yaml", "scheduler.group_size")
+    _cli_fails(
+        ["train", "--config", str(cfg), "--out", str(out)], "bad.yaml", "scheduler.group_size"
+    )
     assert _snapshot(out) == before
     assert cfg.read_bytes() == b'scheduler:\n  group_size: "eight"\n'
 

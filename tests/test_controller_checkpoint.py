@@ -155,8 +155,9 @@ def test_a_checkpoint_written_before_state_dict_existed_still_loads():
     ctl = restore_controller(cfg, _prompts(20), old)
     new = json.loads(json.dumps(controller_state(ctl)))
     assert new["format"] == 2
-    assert new["ledger"]["updates"][0]["max_staleness_trained"] == (
-        old["ledger"]["updates"][0]["max_staleness"]
+    assert (
+        new["ledger"]["updates"][0]["max_staleness_trained"]
+        == (old["ledger"]["updates"][0]["max_staleness"])
     )
     for key in ("groups", "queue", "complete", "cached", "version", "admitted"):
         assert new[key] == old[key], key

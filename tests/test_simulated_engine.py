@@ -457,7 +457,10 @@ def test_paper_scale_simulation_is_fast_and_sane():
     spec = get_preset("llama3.1-8b-h100")
     prompts, group = 2500, 8
     w = Workload.from_spec(
-        default_lengths_spec(spec.response_cap), spec.response_cap, group, (f"p{i}" for i in range(prompts))
+        default_lengths_spec(spec.response_cap),
+        spec.response_cap,
+        group,
+        (f"p{i}" for i in range(prompts)),
     )
     e = SimulatedEngine(spec, w)
     total = prompts * group

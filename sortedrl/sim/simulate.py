@@ -69,7 +69,11 @@ def build_workload(
         return workload
     ids = [f"p{i}" for i in range(prompts)]
     return Workload.from_spec(
-        lengths or default_lengths_spec(spec.response_cap), spec.response_cap, group_size or 8, ids, seed
+        lengths or default_lengths_spec(spec.response_cap),
+        spec.response_cap,
+        group_size or 8,
+        ids,
+        seed,
     )
 
 
