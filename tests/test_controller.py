@@ -245,3 +245,11 @@ def test_defaults_are_never_refused_and_for_policy_leaves_out_the_ignored():
     cfg = SchedulerConfig.for_policy("sync", **shared)
     assert cfg.model_fields_set == {"policy", "update_batch"}
     assert SchedulerConfig.for_policy("async", **shared).max_staleness == 1
+
+
+def test_update_due_takes_no_trainer_flag():
+    # The run loop waits for a busy trainer itself; the controller answers for its own state.
+    ctl = Controller(SchedulerConfig(policy="sync", update_batch=1, group_size=1), _prompts(1))
+    assert ctl.update_due() is False
+    with pytest.raises(TypeError):
+        ctl.update_due(True)  # type: ignore[call-arg]

@@ -89,6 +89,18 @@ class ClusterSpec:
     extra_forward_passes: int = 1  # per update, e.g. recomputing the proximal log-probs
     notes: str = ""
 
+    def headline(self) -> str:
+        """The numbers the preset rests on, in one line (`sortedrl simulate --help`)."""
+        m, a = self.model, self.accelerator
+        return (
+            f"{self.name}: {m.name} ({m.params / 1e9:.3g}B params, {m.layers} layers, "
+            f"{m.kv_heads} KV heads x {m.head_dim}) on {self.gpus} x {a.name} "
+            f"({a.memory_bytes / GiB:.0f} GiB, {a.bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
+            f"{a.flops_per_s / 1e12:.0f} TFLOP/s bf16), tp {self.tp}, max_num_seqs "
+            f"{self.max_num_seqs} per replica, prompt {self.prompt_len} + response cap "
+            f"{self.response_cap} tokens"
+        )
+
     def with_gpus(self, gpus: int) -> ClusterSpec:
         """The same preset on a different number of GPUs (async runs split them)."""
         return replace(self, gpus=gpus)

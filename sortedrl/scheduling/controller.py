@@ -231,9 +231,9 @@ class Controller:
             self._promote()
 
     # --- updates ------------------------------------------------------------------------------
-    def update_due(self, trainer_busy: bool = False) -> bool:
-        """True when an update should start now."""
-        if trainer_busy or self._in_update is not None:
+    def update_due(self) -> bool:
+        """True when an update should start now (the run loop also waits for a busy trainer)."""
+        if self._in_update is not None:
             return False
         complete = self.buffer.num_complete()
         if complete == 0:
