@@ -9,6 +9,7 @@ from stepping_engine import SteppingEngine, UnitTrainer
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run
+from sortedrl.scheduling.metrics import OvercountedBusyTime, bubble_ratio
 from sortedrl.scheduling.state import PromptSpec
 
 
@@ -253,3 +254,23 @@ def test_update_due_takes_no_trainer_flag():
     assert ctl.update_due() is False
     with pytest.raises(TypeError):
         ctl.update_due(True)  # type: ignore[call-arg]
+
+
+def test_overcounted_busy_time_is_an_error_not_a_zero_bubble():
+
+    assert bubble_ratio(5.0, 2, 5.0) == 0.5
+    assert bubble_ratio(10.0, 2, 5.0) == 0.0  # exactly full
+    with pytest.raises(OvercountedBusyTime, match="exceeds capacity 2"):
+        bubble_ratio(11.0, 2, 5.0)  # 1.1 sequences per slot: impossible
+
+
+def test_an_engine_that_overcounts_busy_time_fails_the_run():
+    class Overcounting(SteppingEngine):
+        def step(self):
+            report = super().step()
+            report.busy_slot_s = 2 * self.capacity * report.elapsed_s
+            return report
+
+    cfg = SchedulerConfig(policy="sync", group_size=1, update_batch=2, max_new_tokens=100)
+    with pytest.raises(OvercountedBusyTime):
+        run(Controller(cfg, _prompts(4)), Overcounting(2, lambda p, i, a: 3), UnitTrainer())

@@ -1,6 +1,6 @@
 """The one place where the run's measures are defined.
 
-Bubble ratio (DESIGN section 3): over the time the engine is generating, idle slot-time over
+Bubble ratio (docs/design.md, measures): over the time the engine is generating, idle slot-time over
 total slot-time, `1 - busy_slot_s / (capacity * generating_s)`. It counts work that is later
 discarded as busy, so it is always reported beside goodput: trained tokens (and samples) per
 second of wall time.
@@ -15,10 +15,23 @@ from typing import Any
 PHASES = ("rollout", "reward", "update", "weight_sync", "idle")
 
 
+class OvercountedBusyTime(RuntimeError):
+    """An engine reported more busy slot-time than its capacity allows: a bug, not a metric."""
+
+
 def bubble_ratio(busy_slot_s: float, capacity: int, generating_s: float) -> float:
+    """Idle share of the slot-time; an engine that reports more busy slot-time than
+    `capacity * generating_s` is an error (never clamped away)."""
     if generating_s <= 0 or capacity <= 0:
         return 0.0
-    return max(0.0, 1.0 - busy_slot_s / (capacity * generating_s))
+    total = capacity * generating_s
+    if busy_slot_s > total * (1 + 1e-9):
+        raise OvercountedBusyTime(
+            f"busy slot-time {busy_slot_s:.6g} exceeds capacity {capacity} x generating time "
+            f"{generating_s:.6g} s: the engine over-counts its running sequences"
+        )
+    # Only a rounding residue (at most 1e-9 of the total) can make this negative.
+    return max(0.0, 1.0 - busy_slot_s / total)
 
 
 def goodput(trained: float, wall_time_s: float) -> float:
