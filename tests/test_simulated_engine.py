@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -453,7 +452,8 @@ def test_cost_model_trainer_times_updates():
 # --- scale --------------------------------------------------------------------------------------
 
 
-def test_paper_scale_simulation_is_fast_and_sane():
+def test_paper_scale_simulation_is_sane():
+    # How fast it runs is measured by benchmarks/bench_simulator.py, not asserted here.
     spec = get_preset("llama3.1-8b-h100")
     prompts, group = 2500, 8
     w = Workload.from_spec(
@@ -476,7 +476,6 @@ def test_paper_scale_simulation_is_fast_and_sane():
             nxt += 1
         return out
 
-    t0 = time.perf_counter()
     e.submit(more(2 * e.capacity))
     busy = elapsed = 0.0
     finished = tokens = 0
@@ -488,9 +487,7 @@ def test_paper_scale_simulation_is_fast_and_sane():
         finished += len(rep.finished)
         if rep.finished:
             e.submit(more(len(rep.finished)))
-    wall = time.perf_counter() - t0
     assert finished == total
-    assert wall < 10  # ~0.5 s on one idle core
     # Thousands of tokens per second per GPU, mostly busy slots until the final tail.
     assert 1000 < tokens / elapsed / spec.gpus < 10000
     assert 0.5 < busy / (e.capacity * elapsed) <= 1
