@@ -1,7 +1,7 @@
 """The stateful controller: owns every prompt and response, decides admission, updates, what
 each update trains, and what happens to stale work.
 
-The algorithm, as DESIGN.md section 2 reads SortedRL:
+The algorithm, as docs/design.md ("The algorithm as built") describes it:
 
 1. Admit prompts as the policy says (sorted: a round of `rollout_batch` prompts), each as a
    group of `group_size` responses; submit them to the engine as its slots free, resumed
@@ -9,8 +9,10 @@ The algorithm, as DESIGN.md section 2 reads SortedRL:
 2. Record finished responses in the rollout buffer. Responses finish roughly in length order,
    so groups complete short first.
 3. Once `update_batch` groups are complete (and no protected group is still generating), the
-   update trains the `update_batch` complete groups that completed first: shortest first, a
-   micro-curriculum within each round.
+   update trains `update_batch` complete groups: protected ones first, then those whose oldest
+   token is oldest (closest to the staleness limit), then in completion order. Groups made
+   under one version complete short first, so within a round updates go from short to long,
+   a micro-curriculum; a long group carried over from an earlier version goes ahead of them.
 4. After the update every piece of work still held is checked against the staleness limit
    (`drop`: 0, `keep`: `max_staleness`): work that could no longer be trained within the limit
    is discarded (its tokens counted as wasted) and regenerated from scratch, the rest resumes.
@@ -249,8 +251,10 @@ class Controller:
         return self.exhausted and complete == len(self._groups)
 
     def take_update_batch(self) -> UpdateBatch:
-        """The groups the next update trains: protected groups first, then in completion order
-        (short first). The engine must have been paused first when the policy is colocated."""
+        """The groups the next update trains: protected groups first, then by the version of
+        their oldest token (oldest first: the closest to the staleness limit), then in
+        completion order (short before long among groups of one version). The engine must
+        have been paused first when the policy is colocated."""
         assert self._in_update is None, "an update is already in progress"
         candidates = self.buffer.complete_groups()
         candidates.sort(key=lambda g: (not g.protected, _oldest(g), g.completed_seq))

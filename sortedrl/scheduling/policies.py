@@ -2,8 +2,9 @@
 
 A policy answers two questions: how many new prompts to admit now, and whether the engine
 pauses while the trainer updates (colocated) or keeps generating (async). When updates happen
-(`update_batch` complete groups), what they train (shortest complete groups first) and how
-stale work is handled (`SchedulerConfig.staleness_limit`) are shared by all of them.
+(`update_batch` complete groups), what they train (oldest tokens first, then in completion
+order: short before long within a version) and how stale work is handled
+(`SchedulerConfig.staleness_limit`) are shared by all of them.
 """
 
 from __future__ import annotations
