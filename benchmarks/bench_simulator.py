@@ -17,7 +17,8 @@ import time
 from dataclasses import replace
 
 from sortedrl.engines.costmodel import get_preset
-from sortedrl.engines.simulated import CostModelTrainer, SimulatedEngine
+from sortedrl.engines.simulated import SimulatedEngine
+from sortedrl.engines.simulated_trainer import CostModelTrainer
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run

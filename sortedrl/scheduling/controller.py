@@ -95,6 +95,11 @@ class Controller:
         return self._admitted - self._dropped_groups
 
     @property
+    def num_queued(self) -> int:
+        """Responses waiting in the controller's queue to be submitted."""
+        return self._n_queued
+
+    @property
     def requests_submitted(self) -> int:
         """Requests handed to the engine so far: fresh, resumed and regenerated alike."""
         return self._next_request

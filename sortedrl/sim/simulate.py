@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from sortedrl.engines.costmodel import ClusterSpec, CostModel, get_preset
-from sortedrl.engines.simulated import CostModelTrainer, SimulatedEngine
+from sortedrl.engines.simulated import SimulatedEngine
+from sortedrl.engines.simulated_trainer import CostModelTrainer
 from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import POLICIES, SchedulerConfig, ignored_settings
 from sortedrl.scheduling.controller import Controller
