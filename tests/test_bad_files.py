@@ -77,6 +77,7 @@ BAD_CONFIGS = [
     ("out_of_range", b"scheduler:\n  group_size: 0\n", ["scheduler.group_size", "greater than"]),
     ("section_scalar", b"rollout: 8\n", ["rollout:", "dictionary"]),
     ("cross_field", b"scheduler:\n  rollout_batch: 4\n  update_batch: 8\n", ["update_batch"]),
+    ("ignored", b"scheduler:\n  policy: sync\n  cache: drop\n", ["cache is set, but policy sync"]),
     ("huge_garbage_line", b"seed: 1\n" + b"x" * (5 * MB) + b"\n", [":3:", "invalid YAML"]),
     ("huge_integer", b"seed: " + b"9" * (5 * MB) + b"\n", ["invalid YAML", "digits"]),
     ("deep_nesting", b"seed: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", ["nested too deeply"]),
