@@ -3,8 +3,10 @@
 1. A simulation of `--responses` responses (default one million) with the `sorted` policy at
    the paper's setting; reports wall time (target: under a minute on one core).
 2. Cost of one controller event against the number of sequences in flight: the same number of
-   responses with engine capacity 1k, 4k, 16k, 64k; reports microseconds per finished response
-   and the ratio to the smallest capacity next to the ratio log(C)/log(C_min).
+   responses with engine capacity 1k, 4k, 16k, 64k; reports microseconds per event, the
+   increase per 4x, and the ratio to the smallest capacity. For comparison it prints beside
+   it what a logarithmic cost (log(C)/log(C_min)) and a linear one (C/C_min) would give; the
+   measured growth is neither, only a few microseconds per 4x.
 
 Run: python benchmarks/bench_simulator.py [--responses 1000000]
 """
@@ -82,8 +84,8 @@ def main() -> None:
     print("[events] cost per controller event (request submitted and its result handled)")
     base = None
     prev = 0.0
-    # Logarithmic cost a + b*log(C) adds about the same amount per 4x capacity; a linear one
-    # would multiply by 4 each time.
+    # A cost a + b*log(C) would add the same amount per 4x capacity; a linear one would
+    # multiply by 4 each time.
     for per_replica in (128, 512, 2048, 8192):
         cap_total = per_replica * 8
         groups = cap_total // 8
