@@ -36,8 +36,6 @@ from sortedrl.scheduling.policies import Policy, make_policy
 from sortedrl.scheduling.protocol import (
     Generation,
     Request,
-    TrainGroup,
-    TrainSample,
     UpdateBatch,
 )
 from sortedrl.scheduling.state import Group, GroupState, PromptSpec, Seq, SeqState
@@ -262,32 +260,12 @@ class Controller:
         have been paused first when the policy is colocated."""
         assert self._in_update is None, "an update is already in progress"
         candidates = self.buffer.complete_groups()
-        candidates.sort(key=lambda g: (not g.protected, _oldest(g), g.completed_seq))
+        candidates.sort(key=lambda g: (not g.protected, g.oldest_version, g.completed_seq))
         # At most update_batch groups are protected at once, so all of them fit here.
         chosen = candidates[: self.config.update_batch]
         self.buffer.pop_groups(chosen)
         self._in_update = chosen
-        return UpdateBatch(self._version, [self._train_group(g) for g in chosen])
-
-    @staticmethod
-    def _train_group(group: Group) -> TrainGroup:
-        samples = []
-        for s in group.seqs:
-            c = s.content
-            assert c is not None and s.finish_reason is not None
-            samples.append(
-                TrainSample(
-                    s.index,
-                    c.n_tokens,
-                    s.finish_reason,
-                    list(c.version_spans),
-                    s.reward,
-                    c.token_ids,
-                    c.logprobs,
-                )
-            )
-        spec = group.spec
-        return TrainGroup(spec.prompt_id, spec.prompt_len, samples, spec.prompt_token_ids)
+        return UpdateBatch(self._version, [g.train_group() for g in chosen])
 
     def on_paused(self, partials: Sequence[Generation]) -> None:
         """The engine was paused (colocated update): running responses become cached partials."""
@@ -476,11 +454,6 @@ class Controller:
         for seq in lost:
             self._enqueue(seq, _RESUME)
         return len(lost)
-
-
-def _oldest(group: Group) -> int:
-    """Version of a complete group's oldest token: the closest to the staleness limit."""
-    return min(s.content.version_spans[0][0] for s in group.seqs if s.content and s.n_tokens)
 
 
 # --- checkpoints ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from sortedrl.scheduling.protocol import FinishReason, Partial
+from sortedrl.scheduling.protocol import FinishReason, Partial, TrainGroup, TrainSample
 
 
 class SeqState(str, Enum):
@@ -121,6 +121,31 @@ class Group:
     @property
     def open(self) -> bool:
         return self.state in (GroupState.ACTIVE, GroupState.COMPLETE)
+
+    @property
+    def oldest_version(self) -> int:
+        """Version of a complete group's oldest token: the closest to the staleness limit."""
+        return min(s.content.version_spans[0][0] for s in self.seqs if s.content and s.n_tokens)
+
+    def train_group(self) -> TrainGroup:
+        """This complete group as the trainer sees it."""
+        samples = []
+        for s in self.seqs:
+            c = s.content
+            assert c is not None and s.finish_reason is not None
+            samples.append(
+                TrainSample(
+                    s.index,
+                    c.n_tokens,
+                    s.finish_reason,
+                    list(c.version_spans),
+                    s.reward,
+                    c.token_ids,
+                    c.logprobs,
+                )
+            )
+        spec = self.spec
+        return TrainGroup(spec.prompt_id, spec.prompt_len, samples, spec.prompt_token_ids)
 
     def state_dict(self) -> dict[str, Any]:
         spec = self.spec
