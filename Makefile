@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/sortedrl train --out runs/train
 
 simulate: $(STAMP)
-	$(BIN)/sortedrl simulate
+	$(BIN)/sortedrl simulate --rollout-batch 320 --update-batch 128 --json runs/simulate.json --plot runs/simulate.png
 
 test: $(VLLM_STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -31,8 +31,8 @@ from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.protocol import Request, UpdateBatch, UpdateResult
 from sortedrl.scheduling.state import PromptSpec
-from sortedrl.sim.workload import Workload
 from sortedrl.tasks.reverse import ALPHABET
+from sortedrl.workload import Workload
 
 PROMPT_LEN = 8
 
@@ -188,8 +188,8 @@ def main() -> None:
     ]
     print(f"[trace] {args.trace}: {len(ids)} prompts x {workload.group_size} responses")
     for policy in args.policies.split(","):
-        cfg = SchedulerConfig(
-            policy=policy,
+        cfg = SchedulerConfig.for_policy(
+            policy,
             group_size=workload.group_size,
             rollout_batch=args.rollout_batch,
             update_batch=args.update_batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import click
 from rich.console import Console
@@ -38,8 +38,41 @@ def main() -> None:
     """sortedrl: RL for language models with length-aware rollout scheduling (SortedRL)."""
 
 
+def _scheduler_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per `SchedulerConfig` field (policy aside: --policies), with the
+    field's description and default; unset options stay None, so the study knows what was
+    given explicitly."""
+    from sortedrl.scheduling.config import SchedulerConfig
+
+    special = {
+        "group_size": "the trace's group size, or {default}",
+        "max_new_tokens": "the preset's response cap",
+    }
+    for name, f in reversed(SchedulerConfig.model_fields.items()):
+        if name == "policy":
+            continue
+        default = special.get(name, "{default}").format(default=f.default)
+        help_text = f"{f.description} [default: {default}]"
+        flag = "--" + name.replace("_", "-")
+        if f.annotation is bool:
+            fn = click.option(f"{flag}/--no-{flag[2:]}", default=None, help=help_text)(fn)
+        elif get_origin(f.annotation) is Literal:
+            choice = click.Choice(list(get_args(f.annotation)))
+            fn = click.option(flag, type=choice, default=None, help=help_text)(fn)
+        else:
+            fn = click.option(flag, type=f.annotation, default=None, help=help_text)(fn)
+    return fn
+
+
+def _preset_help() -> str:
+    from sortedrl.engines.costmodel import PRESETS
+
+    lines = "; ".join(p.headline() for p in PRESETS.values() if p.name != "test-tiny")
+    return f"cost-model preset: {lines}"
+
+
 @main.command()
-@click.option("--preset", default="llama3.1-8b-h100", show_default=True, help="cost-model preset")
+@click.option("--preset", default="llama3.1-8b-h100", show_default=True, help=_preset_help())
 @click.option(
     "--policies",
     default="sync,sorted-drop,sorted-keep,partial,async",
@@ -48,30 +81,40 @@ def main() -> None:
 )
 @click.option("--trace", type=click.Path(), help="JSONL trace of recorded response lengths")
 @click.option("--lengths", help="length spec, e.g. 'lognormal:median=1500,sigma=1.0'")
-@click.option("--prompts", type=int, default=2048, show_default=True)
-@click.option("--group-size", type=int, default=None, help="G (default 8, or the trace's)")
-@click.option("--rollout-batch", type=int, default=320, show_default=True)
-@click.option("--update-batch", type=int, default=128, show_default=True)
-@click.option("--cache", type=click.Choice(["drop", "keep"]), default="keep", show_default=True)
-@click.option("--max-staleness", type=int, default=2, show_default=True)
-@click.option("--max-regenerations", type=int, default=2, show_default=True)
 @click.option(
-    "--admission",
-    type=click.Choice(["auto", "round", "fill"]),
-    default="auto",
-    show_default=True,
-    help="sorted: auto = round for drop, fill for keep",
+    "--prompts",
+    type=int,
+    default=None,
+    help="prompts to simulate [default: all of --trace, else 2048]",
 )
-@click.option("--async-rollout-gpus", type=int, default=None, help="default: best of all splits")
+@_scheduler_options
+@click.option(
+    "--async-rollout-gpus",
+    type=int,
+    default=None,
+    help="async: GPUs for rollout, a multiple of the preset's tp below its GPU count "
+    "[default: simulate every such split, report the best goodput]",
+)
+@click.option(
+    "--solve-rate",
+    type=float,
+    default=None,
+    help="simulated rewards: each response is correct with this probability (what "
+    "--filter-equal-rewards needs) [default: no rewards, all 0]",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="write the results here")
 @click.option("--plot", "plot_path", type=click.Path(), help="write a PNG here")
 @friendly_errors
 def simulate(**kw: Any) -> None:
-    """Compare scheduling policies on the simulated engine at paper scale, in virtual time."""
+    """Compare scheduling policies on the simulated engine at paper scale, in virtual time.
+    The scheduler options are `sortedrl train`'s `scheduler` section; the README spells out
+    the paper's setting."""
     from sortedrl.engines.costmodel import get_preset
     from sortedrl.io import write_json_atomic
+    from sortedrl.scheduling.config import SchedulerConfig
     from sortedrl.sim.simulate import (
+        DEFAULT_PROMPTS,
         SimSettings,
         build_workload,
         parse_policies,
@@ -80,27 +123,31 @@ def simulate(**kw: Any) -> None:
 
     spec = get_preset(kw["preset"])
     policies = parse_policies(kw["policies"])
+    scheduler = {
+        k: kw[k] for k in SchedulerConfig.model_fields if k != "policy" and kw[k] is not None
+    }
     workload = build_workload(
         trace=kw["trace"],
         lengths=kw["lengths"],
-        prompts=kw["prompts"],
-        group_size=kw["group_size"],
+        prompts=kw["prompts"] or DEFAULT_PROMPTS,
+        group_size=scheduler.get("group_size"),
         spec=spec,
         seed=kw["seed"],
     )
+    prompts = kw["prompts"]
+    if prompts is None:
+        prompts = len(workload) if kw["trace"] else DEFAULT_PROMPTS
+        if kw["trace"]:
+            console.print(f"note: --trace {kw['trace']}: simulating all its {prompts} prompts")
+    scheduler["group_size"] = workload.group_size
     settings = SimSettings(
         preset=kw["preset"],
         policies=policies,
-        prompts=kw["prompts"],
-        group_size=workload.group_size,
-        rollout_batch=kw["rollout_batch"],
-        update_batch=kw["update_batch"],
-        cache=kw["cache"],
-        max_staleness=kw["max_staleness"],
-        max_regenerations=kw["max_regenerations"],
-        admission=kw["admission"],
+        prompts=prompts,
+        scheduler=scheduler,
         seed=kw["seed"],
         async_rollout_gpus=kw["async_rollout_gpus"],
+        solve_rate=kw["solve_rate"],
     )
     with Progress(
         TextColumn("{task.description:>12}"),
@@ -111,7 +158,7 @@ def simulate(**kw: Any) -> None:
         console=console,
         transient=False,
     ) as bar:
-        tasks = {p: bar.add_task(p, total=kw["prompts"]) for p in policies}
+        tasks = {p: bar.add_task(p, total=prompts) for p in policies}
         doc = simulate(settings, workload, lambda name, n: bar.advance(tasks[name], n))
     timelines = doc.pop("_timelines")
     _print_sim_table(doc)
@@ -187,7 +234,7 @@ def train(
     overrides: tuple[str, ...],
 ) -> None:
     """RL-train a model on a task (GRPO, transformers engine); KEY=VALUE overrides settings,
-    e.g. `rollout.group_size=8 scheduler.policy=sync`."""
+    e.g. `scheduler.group_size=8 scheduler.policy=sync`."""
     from sortedrl.commands.train import RunInterrupted
     from sortedrl.commands.train import train as run_train
     from sortedrl.config import load_config
@@ -218,6 +265,13 @@ def train(
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--capacity", type=int, default=64, show_default=True)
+@click.option(
+    "--solve-rate",
+    type=float,
+    default=None,
+    help="simulated rewards: each response is correct with this probability (what "
+    "--filter-equal-rewards needs) [default: no rewards, all 0]",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="write the scores here")
 @friendly_errors

@@ -1,4 +1,4 @@
-"""`sortedrl train` settings: a YAML file plus dotted overrides (`rollout.group_size=8`).
+"""`sortedrl train` settings: a YAML file plus dotted overrides (`scheduler.group_size=8`).
 
 Every section is a pydantic model with documented fields; an unknown or invalid field is an
 error that names it (`scheduler.update_batch: ...`).
@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sortedrl.errors import ConfigError, format_validation_error
-from sortedrl.scheduling.config import PolicyName, SchedulerConfig
+from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.training.config import TrainerConfig
 
 
@@ -57,9 +57,7 @@ class TaskSection(BaseModel):
 class RolloutSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     engine: Literal["transformers", "vllm"] = "transformers"
-    group_size: int = Field(8, ge=1, description="responses per prompt (G)")
     capacity: int = Field(64, ge=1, description="engine capacity C: sequences run at once")
-    max_new_tokens: int = Field(64, ge=1, description="response length cap")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     pause_for_update: bool | None = Field(
@@ -68,20 +66,6 @@ class RolloutSection(BaseModel):
         "partial responses after it (colocated on a GPU); false: keep the cache and go on "
         "under the new weights; empty: pause unless the model runs on the CPU",
     )
-
-
-class SchedulerSection(BaseModel):
-    """See `sortedrl.scheduling.config.SchedulerConfig` for what each field does."""
-
-    model_config = ConfigDict(extra="forbid")
-    policy: PolicyName = "sorted"
-    rollout_batch: int = Field(32, ge=1)
-    update_batch: int = Field(8, ge=1)
-    cache: Literal["drop", "keep"] = "keep"
-    max_staleness: int = Field(2, ge=0)
-    max_regenerations: int = Field(2, ge=0)
-    admission: Literal["auto", "round", "fill"] = "auto"
-    filter_equal_rewards: bool = False
 
 
 class EvalSection(BaseModel):
@@ -113,7 +97,10 @@ class TrainConfig(BaseModel):
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
     rollout: RolloutSection = RolloutSection()
-    scheduler: SchedulerSection = SchedulerSection()
+    scheduler: SchedulerConfig = Field(
+        SchedulerConfig(),
+        description="policy, batches, staleness and response cap (group_size, max_new_tokens)",
+    )
     trainer: TrainerConfig = TrainerConfig(lr=1e-4, warmup_steps=2, max_grad_norm=1.0)
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -131,14 +118,8 @@ class TrainConfig(BaseModel):
     )
 
     def scheduler_config(self) -> SchedulerConfig:
-        try:
-            return SchedulerConfig(
-                **self.scheduler.model_dump(),
-                group_size=self.rollout.group_size,
-                max_new_tokens=self.rollout.max_new_tokens,
-            )
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e, "scheduler")) from None
+        """The scheduler's settings, validated with the rest of the config."""
+        return self.scheduler
 
 
 def _parse_value(text: str) -> Any:
@@ -154,7 +135,7 @@ def _parse_value(text: str) -> Any:
 
 def apply_override(doc: dict[str, Any], item: str) -> None:
     if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key=value, e.g. rollout.group_size=8")
+        raise ConfigError(f"override '{item}': expected key=value, e.g. scheduler.group_size=8")
     key, value = item.split("=", 1)
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
@@ -199,8 +180,4 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
         cfg = TrainConfig.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(f"{where}: {format_validation_error(e)}") from None
-    try:
-        cfg.scheduler_config()  # cross-field checks (update_batch <= rollout_batch) now
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
     return cfg

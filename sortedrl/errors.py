@@ -24,7 +24,7 @@ class InputFileError(SortedRLError):
 
 
 def format_validation_error(e: Any, prefix: str = "") -> str:
-    """A pydantic ValidationError as one line naming every bad field: `rollout.group_size: ...`."""
+    """A pydantic ValidationError as one line naming every bad field: `scheduler.group_size: ...`."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err.get("loc", ()))

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from sortedrl.cli import main
 from sortedrl.config import TrainConfig, load_config
 from sortedrl.errors import ConfigError, InputFileError
-from sortedrl.sim.workload import load_trace
 from sortedrl.tasks.math import load_math_file
+from sortedrl.workload import load_trace
 
 MB = 1024 * 1024
 OK_MATH = b'{"problem": "1 + 1?", "answer": "2"}\n'
@@ -72,11 +72,12 @@ BAD_CONFIGS = [
     ("top_list", b"- rollout\n- scheduler\n", ["expected a mapping of sections"]),
     ("top_scalar", b"hello\n", ["expected a mapping of sections"]),
     ("unknown_section", b"rollouts:\n  group_size: 8\n", ["rollouts", "Extra inputs"]),
-    ("unknown_field", b"rollout:\n  group_sizes: 8\n", ["rollout.group_sizes", "Extra inputs"]),
-    ("wrong_type", b'rollout:\n  group_size: "eight"\n', ["rollout.group_size", "integer"]),
-    ("out_of_range", b"rollout:\n  group_size: 0\n", ["rollout.group_size", "greater than"]),
+    ("unknown_field", b"scheduler:\n  group_sizes: 8\n", ["scheduler.group_sizes", "Extra inputs"]),
+    ("wrong_type", b'scheduler:\n  group_size: "eight"\n', ["scheduler.group_size", "integer"]),
+    ("out_of_range", b"scheduler:\n  group_size: 0\n", ["scheduler.group_size", "greater than"]),
     ("section_scalar", b"rollout: 8\n", ["rollout:", "dictionary"]),
     ("cross_field", b"scheduler:\n  rollout_batch: 4\n  update_batch: 8\n", ["update_batch"]),
+    ("ignored", b"scheduler:\n  policy: sync\n  cache: drop\n", ["cache is set, but policy sync"]),
     ("huge_garbage_line", b"seed: 1\n" + b"x" * (5 * MB) + b"\n", [":3:", "invalid YAML"]),
     ("huge_integer", b"seed: " + b"9" * (5 * MB) + b"\n", ["invalid YAML", "digits"]),
     ("deep_nesting", b"seed: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", ["nested too deeply"]),
@@ -224,15 +225,17 @@ def test_simulate_with_bad_trace_keeps_existing_output(tmp_path):
 
 
 def test_train_with_bad_config_keeps_existing_output(tmp_path):
-    cfg = _write(tmp_path, "bad.yaml", b'rollout:\n  group_size: "eight"\n')
+    cfg = _write(tmp_path, "bad.yaml", b'scheduler:\n  group_size: "eight"\n')
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text('{"earlier": "run"}\n')
     (out / "metrics.jsonl").write_text('{"update": 1}\n')
     before = _snapshot(out)
-    _cli_fails(["train", "--config", str(cfg), "--out", str(out)], "bad.yaml", "rollout.group_size")
+    _cli_fails(
+        ["train", "--config", str(cfg), "--out", str(out)], "bad.yaml", "scheduler.group_size"
+    )
     assert _snapshot(out) == before
-    assert cfg.read_bytes() == b'rollout:\n  group_size: "eight"\n'
+    assert cfg.read_bytes() == b'scheduler:\n  group_size: "eight"\n'
 
 
 def test_train_with_bad_dataset_keeps_existing_output(tmp_path):

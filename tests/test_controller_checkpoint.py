@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from stepping_engine import SteppingEngine, UnitTrainer
 
@@ -72,8 +73,8 @@ LEDGER_KEYS = [
     filt=st.booleans(),
 )
 def test_restore_goes_on_exactly(policy, cache, stop_at, seed, filt):
-    cfg = SchedulerConfig(
-        policy=policy,
+    cfg = SchedulerConfig.for_policy(
+        policy,
         cache=cache,
         group_size=2,
         rollout_batch=6,
@@ -108,10 +109,10 @@ def test_restore_goes_on_exactly(policy, cache, stop_at, seed, filt):
     ctl = Controller(cfg, _prompts(20))
     lengths = _lengths(seed)
     run(ctl, SteppingEngine(5, lengths), first_trainer, scorer=scorer, max_updates=stop_at)
-    if ctl.done():
-        return
-    state = json.loads(json.dumps(controller_state(ctl)))
-    restored = restore_controller(cfg, _prompts(20), state)
+    assume(not ctl.done())  # nothing left to restore
+    state = json.loads(json.dumps(ctl.state_dict()))
+    restored = Controller(cfg, _prompts(20))
+    restored.load_state_dict(state)
     engine = SteppingEngine(5, lengths)
     engine.load_weights(None, restored.version)
     second_trainer = UnitTrainer()
@@ -133,3 +134,45 @@ def test_restore_refuses_other_settings_or_short_data():
         restore_controller(cfg.model_copy(update={"update_batch": 1}), _prompts(8), state)
     with pytest.raises(ValueError, match="shorter"):
         restore_controller(cfg, _prompts(2), state)
+
+
+def test_a_checkpoint_written_before_state_dict_existed_still_loads():
+    # Written by the module-level controller_state() of the code before Controller.state_dict
+    # (format 1: the update records still had the old key names, max_staleness for the
+    # measured value): sorted/keep stopped after 4 updates, 3 prompts open.
+    old = json.loads((Path(__file__).parent / "data" / "controller_state_v1.json").read_text())
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="keep",
+        group_size=2,
+        rollout_batch=6,
+        update_batch=2,
+        max_staleness=1,
+        max_regenerations=1,
+        max_new_tokens=60,
+    )
+    assert old["format"] == 1 and "max_staleness" in old["ledger"]["updates"][0]
+    ctl = restore_controller(cfg, _prompts(20), old)
+    new = json.loads(json.dumps(controller_state(ctl)))
+    assert new["format"] == 2
+    assert (
+        new["ledger"]["updates"][0]["max_staleness_trained"]
+        == (old["ledger"]["updates"][0]["max_staleness"])
+    )
+    for key in ("groups", "queue", "complete", "cached", "version", "admitted"):
+        assert new[key] == old[key], key
+    result = run(ctl, SteppingEngine(5, _lengths(3)), UnitTrainer())
+    s = result.summary
+    assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"] == 20
+    assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
+
+
+def test_an_unknown_format_or_a_used_controller_is_refused():
+    cfg = SchedulerConfig(group_size=1, rollout_batch=4, update_batch=2, max_new_tokens=60)
+    ctl = Controller(cfg, _prompts(8))
+    run(ctl, SteppingEngine(4, _lengths(0)), UnitTrainer(), max_updates=1)
+    state = ctl.state_dict()
+    with pytest.raises(ValueError, match="unknown controller checkpoint format 7"):
+        Controller(cfg, _prompts(8)).load_state_dict({**state, "format": 7})
+    with pytest.raises(RuntimeError, match="has not started"):
+        ctl.load_state_dict(state)

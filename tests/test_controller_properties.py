@@ -60,8 +60,8 @@ configs = st.fixed_dictionaries(
 
 
 def _run(c: dict, max_updates: int | None = None):
-    cfg = SchedulerConfig(
-        policy=c["policy"],
+    cfg = SchedulerConfig.for_policy(
+        c["policy"],
         cache=c["cache"],
         admission=c["admission"],
         group_size=c["group_size"],
@@ -101,7 +101,7 @@ def test_counts_balance_and_limits_hold(c):
     assert s["tokens_generated"] == engine.generated
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"] + s["tokens_in_flight"]
     assert s["tokens_in_flight"] == 0
-    assert result.controller._n_queued == 0  # the queue count never drifts
+    assert result.controller.num_queued == 0  # the queue count never drifts
     # No prompt trained twice; every trained group is complete.
     trained = [g.prompt_id for b in trainer.batches for g in b.groups]
     assert len(trained) == len(set(trained)) == s["prompts_trained"]

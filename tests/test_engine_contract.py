@@ -29,7 +29,7 @@ class Harness:
 
 def _simulated() -> Harness:
     from sortedrl.engines.simulated import SimulatedEngine
-    from sortedrl.sim.workload import Workload
+    from sortedrl.workload import Workload
 
     lengths = {f"p{i}": [5 + (7 * i) % 23] for i in range(64)}
     workload = Workload(lengths, group_size=1, cap=64)

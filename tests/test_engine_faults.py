@@ -34,8 +34,8 @@ class Flaky(SteppingEngine):
 
 @pytest.mark.parametrize("policy", ["sync", "sorted", "partial", "async"])
 def test_engine_failures_are_survived_and_counts_balance(policy):
-    cfg = SchedulerConfig(
-        policy=policy,
+    cfg = SchedulerConfig.for_policy(
+        policy,
         group_size=2,
         rollout_batch=6,
         update_batch=2,

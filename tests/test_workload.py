@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import pytest
 
 from sortedrl.errors import ConfigError, InputFileError
-from sortedrl.sim.workload import (
+from sortedrl.workload import (
     Workload,
     default_lengths_spec,
     load_trace,
@@ -146,11 +145,11 @@ def test_regenerated_responses_draw_from_their_prompt():
         w.length("p", 8, 0)
 
 
-def test_building_many_prompts_is_fast():
-    t = time.perf_counter()
+def test_building_many_prompts_draws_each_once():
+    # Its speed is part of benchmarks/bench_simulator.py (no wall-clock bound in tests).
     w = Workload.from_spec(default_lengths_spec(CAP), CAP, 8, (f"p{i}" for i in range(25_000)))
     assert len(w) == 25_000
-    assert time.perf_counter() - t < 3.0  # ~0.3 s on one idle core
+    assert w.group("p24999") == w.group("p24999")
 
 
 # --- traces -------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def _eval(cfg: TrainConfig, model: Any, tokenizer: Any, task: Any, problems: lis
             samples=samples,
             temperature=temperature,
             capacity=cfg.rollout.capacity,
-            max_new_tokens=cfg.rollout.max_new_tokens,
+            max_new_tokens=cfg.scheduler.max_new_tokens,
             seed=cfg.seed,
             device=cfg.model.device,
         )

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, replace
 
 from sortedrl.errors import ConfigError
-from sortedrl.sim.workload import default_lengths_spec
 
 GiB = 2**30
 
@@ -77,6 +76,8 @@ class ClusterSpec:
     max_num_seqs: int  # per replica (vLLM's max_num_seqs)
     gpu_memory_utilization: float  # share of GPU memory the rollout engine may use
     reserve_bytes_per_gpu: float  # activations, CUDA graphs, NCCL buffers: not KV cache
+    # The sequence shape the deployment is sized for (max_num_seqs and the KV check assume it);
+    # the lengths responses actually take come from the workload (sortedrl.workload).
     prompt_len: int
     response_cap: int
     training_mfu: float
@@ -86,8 +87,19 @@ class ClusterSpec:
     sync_bandwidth_bytes_per_s: float  # effective trainer -> engine weight transfer
     sync_overhead_s: float  # per weight sync: gather, reload, cache reset
     extra_forward_passes: int = 1  # per update, e.g. recomputing the proximal log-probs
-    default_lengths: str = ""  # a length spec (see sortedrl.sim.workload) typical for the cap
     notes: str = ""
+
+    def headline(self) -> str:
+        """The numbers the preset rests on, in one line (`sortedrl simulate --help`)."""
+        m, a = self.model, self.accelerator
+        return (
+            f"{self.name}: {m.name} ({m.params / 1e9:.3g}B params, {m.layers} layers, "
+            f"{m.kv_heads} KV heads x {m.head_dim}) on {self.gpus} x {a.name} "
+            f"({a.memory_bytes / GiB:.0f} GiB, {a.bandwidth_bytes_per_s / 1e12:.2f} TB/s, "
+            f"{a.flops_per_s / 1e12:.0f} TFLOP/s bf16), tp {self.tp}, max_num_seqs "
+            f"{self.max_num_seqs} per replica, prompt {self.prompt_len} + response cap "
+            f"{self.response_cap} tokens"
+        )
 
     def with_gpus(self, gpus: int) -> ClusterSpec:
         """The same preset on a different number of GPUs (async runs split them)."""
@@ -335,9 +347,6 @@ TINY_GPU = AcceleratorSpec(
     source="made up for tests",
 )
 
-# A 16k reasoning workload: most responses 1-4k tokens, a long tail, ~2-3% cut at the cap.
-LENGTHS_16K = default_lengths_spec(16384)
-
 PRESETS: dict[str, ClusterSpec] = {
     "llama3.1-8b-h100": ClusterSpec(
         name="llama3.1-8b-h100",
@@ -357,7 +366,6 @@ PRESETS: dict[str, ClusterSpec] = {
         update_overhead_s=3.0,  # optimizer step + colocated switch (engine sleep/wake, offload)
         sync_bandwidth_bytes_per_s=20e9,  # effective: gather + per-tensor reload, not NVLink peak
         sync_overhead_s=1.0,
-        default_lengths=LENGTHS_16K,
         notes="timings are roofline estimates, not measurements",
     ),
     "qwen2.5-32b-h100": ClusterSpec(
@@ -377,7 +385,6 @@ PRESETS: dict[str, ClusterSpec] = {
         update_overhead_s=5.0,  # larger optimizer state to move when colocated
         sync_bandwidth_bytes_per_s=20e9,
         sync_overhead_s=1.5,
-        default_lengths=LENGTHS_16K,
         notes="timings are roofline estimates, not measurements",
     ),
     "test-tiny": ClusterSpec(
@@ -397,7 +404,6 @@ PRESETS: dict[str, ClusterSpec] = {
         update_overhead_s=0.01,
         sync_bandwidth_bytes_per_s=1e9,
         sync_overhead_s=0.001,
-        default_lengths="lognormal:median=20,sigma=0.8",
         notes="for tests only",
     ),
 }

@@ -38,98 +38,20 @@ The engine has no randomness: lengths come from the workload, which is seeded.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from sortedrl.engines.costmodel import ClusterSpec, CostModel, resolve_preset
+from sortedrl.engines.replica import DONE, EPS, RUNNING, WAITING, Replica, SimSeq
 from sortedrl.errors import ConfigError
 from sortedrl.scheduling.protocol import (
     FinishReason,
     Generation,
     Request,
     StepReport,
-    UpdateBatch,
-    UpdateResult,
-    VersionSpans,
 )
-from sortedrl.sim.workload import Workload
-
-_WAITING, _RUNNING, _DONE = 0, 1, 2
-_EPS = 1e-9  # seconds: float slack when comparing a replica's clock with the engine's
-
-
-class _Seq:
-    __slots__ = (
-        "rid",
-        "prompt_len",
-        "final",
-        "reason",
-        "prefix",
-        "spans",
-        "state",
-        "rep",
-        "start",
-        "order",
-    )
-
-    def __init__(self, rid: str, prompt_len: int, final: int, reason: FinishReason):
-        self.rid = rid
-        self.prompt_len = prompt_len
-        self.final = final  # total response length it will reach
-        self.reason: FinishReason = reason
-        self.prefix = 0  # tokens generated before the current run (resumed or preempted)
-        self.spans: VersionSpans = []  # version spans of those prefix tokens
-        self.state = _WAITING
-        self.rep: _Replica | None = None
-        self.start = 0  # replica step index at which the current run started
-        self.order = -1  # admission number of the current run (validates heap entries)
-
-
-class _Replica:
-    __slots__ = (
-        "idx",
-        "t",
-        "s",
-        "n",
-        "kv",
-        "pre",
-        "heap",
-        "stack",
-        "marks_s",
-        "marks_v",
-        "wake",
-        "ev",
-        "ev_step",
-        "dirty",
-    )
-
-    def __init__(self, idx: int, version: int):
-        self.idx = idx
-        self.t = 0.0  # time of the step boundary the state below describes
-        self.s = 0  # decode steps completed at that boundary
-        self.n = 0  # running sequences
-        self.kv = 0  # KV tokens held by them
-        self.pre = 0.0  # prefill time added to the next step
-        self.heap: list[tuple[int, int, _Seq]] = []  # (finish step, order, seq)
-        self.stack: list[tuple[int, _Seq]] = []  # running in admission order, for preemption
-        # Policy version of step j is marks_v[i] for the last marks_s[i] < j.
-        self.marks_s: list[int] = [-1]
-        self.marks_v: list[int] = [version]
-        self.wake: int | None = None  # step boundary at which to take queued requests
-        self.ev = 0  # id of the valid event in the engine heap
-        self.ev_step = 0
-        self.dirty = False  # state changed since its event was computed
-
-
-def _add_span(spans: VersionSpans, version: int, n: int) -> None:
-    if n <= 0:
-        return
-    if spans and spans[-1][0] == version:
-        spans[-1] = (version, spans[-1][1] + n)
-    else:
-        spans.append((version, n))
+from sortedrl.workload import LengthModel
 
 
 class SimulatedEngine:
@@ -142,8 +64,7 @@ class SimulatedEngine:
     def __init__(
         self,
         preset: str | ClusterSpec,
-        workload: Workload,
-        seed: int = 0,
+        workload: LengthModel,
         gpus: int | None = None,
         max_event_steps: int = 4096,
         kv_watermark: float = 0.01,
@@ -153,7 +74,6 @@ class SimulatedEngine:
         self.cost = CostModel(spec, gpus=gpus)
         self.spec = self.cost.spec
         self.workload = workload
-        self.seed = seed  # unused: the engine is deterministic given the workload
         if max_event_steps < 1:
             raise ConfigError(f"max_event_steps must be >= 1, got {max_event_steps}")
         self.max_event_steps = max_event_steps
@@ -165,19 +85,21 @@ class SimulatedEngine:
         # KV-bound replica admits, then preempts, the same request at almost every finish.
         self._watermark = int(self._kv_cap * kv_watermark)
         self._version = version
-        self._reps = [_Replica(i, version) for i in range(self.cost.replicas)]
+        self._reps = [
+            Replica(i, version, self.cost.decode_steps_time) for i in range(self.cost.replicas)
+        ]
         self._now = 0.0
-        self._queue: deque[_Seq] = deque()
+        self._queue: deque[SimSeq] = deque()
         self._n_waiting = 0
         # Set when the queue head may have changed: only then can a replica that refused the
         # old head take the new one outside its own events.
         self._head_changed = False
-        self._seqs: dict[str, _Seq] = {}  # waiting and running, by request id
+        self._seqs: dict[str, SimSeq] = {}  # waiting and running, by request id
         self._ready: list[Generation] = []  # finished without decoding, for the next step()
         self._events: list[tuple[float, int, int, int]] = []  # (time, tiebreak, replica, ev)
         # Replicas whose next event must be recomputed before time advances. Deferring it
         # lets a finish and the controller's follow-up submit share one computation.
-        self._dirty: list[_Replica] = []
+        self._dirty: list[Replica] = []
         pf = self.cost.spec.accelerator.prefill_mfu * self.cost.spec.accelerator.flops_per_s
         m = self.spec.model
         self._pf_lin = 2.0 * m.params / (self.cost.tp * pf)  # prefill s/token (cost model)
@@ -211,10 +133,30 @@ class SimulatedEngine:
     def num_unfinished(self) -> int:
         return len(self._seqs) + len(self._ready)
 
+    # --- read-only views, for reports and tests -------------------------------------------------
+
+    @property
+    def replicas(self) -> tuple[Replica, ...]:
+        return tuple(self._reps)
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued inside the engine, not yet started on a replica."""
+        return self._n_waiting
+
+    def request_ids(self, state: str | None = None) -> list[str]:
+        """Ids of requests inside the engine: all, or only `running` or `waiting` ones."""
+        want = {None: None, "running": RUNNING, "waiting": WAITING}[state]
+        return [rid for rid, q in self._seqs.items() if want is None or q.state == want]
+
     def submit(self, requests: Sequence[Request]) -> None:
         # Validate the whole batch first, so a bad request leaves the engine unchanged.
         cap_resp = min(self.spec.response_cap, self.workload.cap)
-        new: list[_Seq] = []
+        new: list[SimSeq] = []
         ready: list[Generation] = []
         ids: set[str] = set()
         for req in requests:
@@ -234,7 +176,7 @@ class SimulatedEngine:
             natural = self.workload.length(req.prompt_id, req.sample_index, req.attempt)
             final = min(natural, cap)
             reason: FinishReason = "length" if natural >= cap else "stop"
-            q = _Seq(rid, req.prompt_len, final, reason)
+            q = SimSeq(rid, req.prompt_len, final, reason)
             if req.resume is not None:
                 q.prefix = req.resume.n_tokens
                 q.spans = list(req.resume.version_spans)
@@ -286,7 +228,7 @@ class SimulatedEngine:
 
     def abort(self, request_ids: Sequence[str]) -> list[Generation]:
         out: list[Generation] = []
-        touched: dict[int, _Replica] = {}
+        touched: dict[int, Replica] = {}
         for rid in request_ids:
             q = self._seqs.pop(rid, None)
             if q is None:
@@ -297,17 +239,17 @@ class SimulatedEngine:
                         out.append(Generation(rid, "abort", g.n_tokens, g.version_spans))
                         break
                 continue
-            if q.state == _WAITING:
-                q.state = _DONE
+            if q.state == WAITING:
+                q.state = DONE
                 self._n_waiting -= 1
                 self._head_changed = True
                 out.append(Generation(rid, "abort", q.prefix, list(q.spans)))
                 continue
             r = q.rep
             assert r is not None
-            if r.t < self._now - _EPS:
+            if r.t < self._now - EPS:
                 # Let the step in progress complete: the replica's state stays exact.
-                k = self._ceil_steps(r)
+                k = r.ceil_steps(self._now)
                 self._advance(r, k, r.t + r.pre + self.cost.decode_steps_time(r.n, r.kv, k))
             out.append(self._stop(r, q, "abort"))
             touched[r.idx] = r
@@ -323,23 +265,23 @@ class SimulatedEngine:
         cost = self.cost
         for r in self._reps:
             if r.n:
-                if r.t < self._now - _EPS:
-                    k = self._floor_steps(r)
+                if r.t < self._now - EPS:
+                    k = r.floor_steps(self._now)
                     if k:
                         self._advance(r, k, r.t + r.pre + cost.decode_steps_time(r.n, r.kv, k))
                 for order, q in r.stack:
-                    if q.order == order and q.state == _RUNNING:
+                    if q.order == order and q.state == RUNNING:
                         out.append(self._stop(r, q, "abort"))
             # A weight update due at the dropped step's end applies from here on.
-            self._mark(r, r.s, self._version)
+            r.mark(r.s, self._version)
             r.heap.clear()
             r.stack.clear()
             r.n, r.kv, r.pre, r.wake = 0, 0, 0.0, None
             r.t = max(r.t, self._now)
             r.ev += 1
         for q in self._queue:
-            if q.state == _WAITING:
-                q.state = _DONE
+            if q.state == WAITING:
+                q.state = DONE
                 out.append(Generation(q.rid, "abort", q.prefix, list(q.spans)))
         for g in self._ready:
             out.append(Generation(g.request_id, "abort", g.n_tokens, g.version_spans))
@@ -359,25 +301,14 @@ class SimulatedEngine:
         for r in self._reps:
             # Steps after boundary m use the new weights; the step in progress keeps the old.
             m = r.s
-            if r.n and r.t < self._now - _EPS:
-                m += self._ceil_steps(r)
-            self._mark(r, m, version)
+            if r.n and r.t < self._now - EPS:
+                m += r.ceil_steps(self._now)
+            r.mark(m, version)
         return self.cost.weight_sync_time()
 
     # --- internals --------------------------------------------------------------------------
 
-    def _mark(self, r: _Replica, m: int, version: int) -> None:
-        """Steps of `r` after boundary `m` run `version`."""
-        ms, mv = r.marks_s, r.marks_v
-        # Marks at or past m govern steps that have not run: the new mark replaces them.
-        while len(ms) > 1 and ms[-1] >= m:
-            ms.pop()
-            mv.pop()
-        if mv[-1] != version:
-            ms.append(m)
-            mv.append(version)
-
-    def _advance(self, r: _Replica, k: int, t: float) -> None:
+    def _advance(self, r: Replica, k: int, t: float) -> None:
         """Move replica `r` forward `k` decode steps, to boundary time `t`."""
         if k <= 0:
             return
@@ -389,13 +320,13 @@ class SimulatedEngine:
         self._tokens += new
         self.total_tokens += new
 
-    def _at_event(self, r: _Replica, t: float, finished: list[Generation]) -> None:
+    def _at_event(self, r: Replica, t: float, finished: list[Generation]) -> None:
         self._advance(r, r.ev_step - r.s, t)
         r.wake = None
         heap = r.heap
         while heap and heap[0][0] <= r.s:
             _, order, q = heapq.heappop(heap)
-            if q.order == order and q.state == _RUNNING:
+            if q.order == order and q.state == RUNNING:
                 finished.append(self._stop(r, q, q.reason))
         if r.n and r.kv + r.n > self._kv_cap:
             self._preempt(r)
@@ -404,63 +335,49 @@ class SimulatedEngine:
         if self._n_waiting:
             self._wake_others(r)
 
-    def _stop(self, r: _Replica, q: _Seq, reason: FinishReason) -> Generation:
+    def _stop(self, r: Replica, q: SimSeq, reason: FinishReason) -> Generation:
         """Remove running `q` from `r` at r's current boundary and report it."""
         n_tokens = q.prefix + (r.s - q.start)
         spans = q.spans
-        self._run_spans(r, q.start, r.s, spans)
+        r.run_spans(q.start, r.s, spans)
         r.n -= 1
         r.kv -= q.prompt_len + n_tokens
         self._running -= 1
-        q.state = _DONE
+        q.state = DONE
         self._seqs.pop(q.rid, None)
         return Generation(q.rid, reason, n_tokens, spans)
 
-    def _run_spans(self, r: _Replica, a: int, b: int, spans: VersionSpans) -> None:
-        """Append the versions of steps a+1..b of replica `r` to `spans`."""
-        ms, mv = r.marks_s, r.marks_v
-        if ms[-1] <= a:  # no weight update during the run: the common case
-            _add_span(spans, mv[-1], b - a)
-            return
-        i = bisect_right(ms, a) - 1
-        pos = a
-        while pos < b:
-            end = min(b, ms[i + 1]) if i + 1 < len(ms) else b
-            _add_span(spans, mv[i], end - pos)
-            pos = end
-            i += 1
-
-    def _preempt(self, r: _Replica) -> None:
+    def _preempt(self, r: Replica) -> None:
         stack = r.stack
         while r.n and r.kv + r.n > self._kv_cap:
             order, q = stack.pop()
-            if q.order != order or q.state != _RUNNING:
+            if q.order != order or q.state != RUNNING:
                 continue
             toks = q.prefix + (r.s - q.start)
-            self._run_spans(r, q.start, r.s, q.spans)
+            r.run_spans(q.start, r.s, q.spans)
             r.n -= 1
             r.kv -= q.prompt_len + toks
             self._running -= 1
             q.prefix = toks
-            q.state = _WAITING
+            q.state = WAITING
             q.order = -1  # invalidates its heap entry
             self._queue.appendleft(q)
             self._n_waiting += 1
             self._head_changed = True
             self.preemptions += 1
 
-    def _head(self) -> _Seq | None:
+    def _head(self) -> SimSeq | None:
         q = self._queue
-        while q and q[0].state != _WAITING:
+        while q and q[0].state != WAITING:
             q.popleft()
         return q[0] if q else None
 
-    def _room(self, q: _Seq) -> int:
+    def _room(self, q: SimSeq) -> int:
         """KV tokens a replica needs, beyond what it holds and its running sequences' next
         tokens, to start `q`."""
         return q.prompt_len + q.prefix + 1 + self._watermark
 
-    def _start(self, r: _Replica, q: _Seq) -> None:
+    def _start(self, r: Replica, q: SimSeq) -> None:
         """Start waiting `q` (the queue head) on `r` at r's current boundary."""
         self._queue.popleft()
         self._n_waiting -= 1
@@ -471,7 +388,7 @@ class SimulatedEngine:
                 r.t = self._now
             r.pre = 0.0
         need = q.prompt_len + q.prefix
-        q.state = _RUNNING
+        q.state = RUNNING
         q.rep = r
         q.start = r.s
         self._order += 1
@@ -485,9 +402,9 @@ class SimulatedEngine:
         self._prefill += need
         self.total_prefill_tokens += need
         if len(r.stack) > 2 * r.n + 64:
-            r.stack = [(o, s) for o, s in r.stack if s.order == o and s.state == _RUNNING]
+            r.stack = [(o, s) for o, s in r.stack if s.order == o and s.state == RUNNING]
 
-    def _fill(self, r: _Replica) -> None:
+    def _fill(self, r: Replica) -> None:
         """Start queued requests on `r` (at its current boundary) while they fit, in order."""
         cap, max_seqs = self._kv_cap, self._max_seqs
         while self._n_waiting and r.n < max_seqs:
@@ -496,7 +413,7 @@ class SimulatedEngine:
                 return
             self._start(r, q)
 
-    def _touch(self, r: _Replica) -> None:
+    def _touch(self, r: Replica) -> None:
         if not r.dirty:
             r.dirty = True
             self._dirty.append(r)
@@ -507,14 +424,14 @@ class SimulatedEngine:
             self._schedule(r)
         self._dirty.clear()
 
-    def _schedule(self, r: _Replica) -> None:
+    def _schedule(self, r: Replica) -> None:
         """Compute and post r's next event."""
         r.ev += 1
         if r.n == 0:
             r.wake = None
             return
         heap = r.heap
-        while heap[0][1] != heap[0][2].order or heap[0][2].state != _RUNNING:
+        while heap[0][1] != heap[0][2].order or heap[0][2].state != RUNNING:
             heapq.heappop(heap)  # stale: preempted or aborted
         s_e = heap[0][0]
         free = self._kv_cap - r.kv - r.n
@@ -531,7 +448,7 @@ class SimulatedEngine:
         """Start queued requests on replicas that are at a boundary now, least loaded first."""
         if not self._head_changed:
             return  # the head is one every replica has already refused or been woken for
-        cap, max_seqs, now = self._kv_cap, self._max_seqs, self._now - _EPS
+        cap, max_seqs, now = self._kv_cap, self._max_seqs, self._now - EPS
         reps = self._reps
         while self._n_waiting:
             q = self._head()
@@ -550,14 +467,14 @@ class SimulatedEngine:
             self._touch(best)
         self._wake_others(None)
 
-    def _wake_others(self, skip: _Replica | None) -> None:
+    def _wake_others(self, skip: Replica | None) -> None:
         """Replicas in mid-step that could take a new queue head do so at their next boundary.
 
         A replica that cannot take the head now cannot until its own next event (its KV only
         grows in between), where it tries again itself; so this pass is needed only when the
         head changes.
         """
-        cap, max_seqs, now = self._kv_cap, self._max_seqs, self._now - _EPS
+        cap, max_seqs, now = self._kv_cap, self._max_seqs, self._now - EPS
         while self._head_changed:
             self._head_changed = False
             q = self._head()
@@ -575,84 +492,7 @@ class SimulatedEngine:
                     if self._head_changed:
                         break  # a new head: look at every replica again
                     continue
-                w = r.s + self._ceil_steps(r)
+                w = r.s + r.ceil_steps(self._now)
                 if w < r.ev_step:
                     r.wake = w
                     self._touch(r)
-
-    def _steps_time(self, r: _Replica, k: int) -> float:
-        return r.pre + self._decode_time(r.n, r.kv, k) if k > 0 else 0.0
-
-    def _ceil_steps(self, r: _Replica) -> int:
-        """Fewest steps that take mid-step replica `r` to a boundary at or after now."""
-        target = self._now - _EPS - r.t
-        lo, hi = 1, max(1, r.ev_step - r.s)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._steps_time(r, mid) >= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    def _floor_steps(self, r: _Replica) -> int:
-        """Most steps replica `r` has completed by now."""
-        target = self._now + _EPS - r.t
-        lo, hi = 0, max(0, r.ev_step - r.s)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._steps_time(r, mid) <= target:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-
-class CostModelTrainer:
-    """Implements `sortedrl.scheduling.protocol.Trainer` in virtual time from the cost model.
-
-    `gpus` (or `gpu_fraction` of the preset's GPUs) is what training runs on: all of them when
-    colocated, the training share when an async run splits the GPUs.
-    """
-
-    virtual_time = True
-
-    def __init__(
-        self,
-        preset: str | ClusterSpec,
-        gpus: int | None = None,
-        gpu_fraction: float | None = None,
-        extra_forward_passes: int | None = None,
-    ):
-        spec = resolve_preset(preset)
-        if gpus is not None and gpu_fraction is not None:
-            raise ConfigError("give the trainer either gpus or gpu_fraction, not both")
-        if gpu_fraction is not None:
-            if not 0 < gpu_fraction <= 1:
-                raise ConfigError(f"gpu_fraction must be in (0, 1], got {gpu_fraction}")
-            gpus = max(1, round(spec.gpus * gpu_fraction))
-        self.gpus = spec.gpus if gpus is None else gpus
-        if self.gpus < 1:
-            raise ConfigError(f"the trainer needs at least one GPU, got {self.gpus}")
-        # Validate the preset itself (weights fit, KV room) with its own GPU count.
-        self.cost = CostModel(spec)
-        self.extra_forward_passes = extra_forward_passes
-
-    def update(self, batch: UpdateBatch) -> UpdateResult:
-        tokens = 0
-        sum_sq = 0.0
-        samples = 0
-        for g in batch.groups:
-            for s in g.samples:
-                seq = g.prompt_len + s.n_tokens
-                tokens += seq
-                sum_sq += seq * seq
-                samples += 1
-        elapsed = self.cost.update_time(
-            tokens, sum_sq, gpus=self.gpus, extra_forward_passes=self.extra_forward_passes
-        )
-        return UpdateResult(
-            elapsed_s=elapsed,
-            weights=batch.version + 1,
-            stats={"tokens": float(tokens), "samples": float(samples)},
-        )

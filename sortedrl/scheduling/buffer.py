@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sortedrl.scheduling.state import Group, GroupState, Seq, SeqState
 
 
@@ -55,3 +57,19 @@ class RolloutBuffer:
     def take_cached(self) -> list[Seq]:
         cached, self._cached = self._cached, []
         return cached
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Groups are named by admission order, responses by (order, index)."""
+        return {
+            "complete": list(self._complete),
+            "completions": self._completions,
+            "cached": [[s.group.order, s.index] for s in self._cached],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], groups: dict[int, Group]) -> None:
+        """Restore into an empty buffer; `groups` are the controller's open groups by order."""
+        assert not self._complete and not self._cached, "load into a fresh buffer"
+        self._complete = {order: groups[order] for order in state["complete"]}
+        self._completions = state["completions"]
+        self._cached = [groups[order].seqs[index] for order, index in state["cached"]]

@@ -1,4 +1,14 @@
-"""Scheduler settings, with the names DESIGN.md uses (group_size, rollout_batch, ...)."""
+"""Scheduler settings: the one declaration of each, in the vocabulary of docs/design.md.
+
+`sortedrl train` embeds `SchedulerConfig` as its `scheduler` section and `sortedrl simulate`
+builds its options from these fields, so a setting has one name, one description and one
+default everywhere. The defaults are those of the embedded `sortedrl train` run (a 64-sequence
+engine on a CPU); a study at another scale says its values (the README's `simulate` command
+spells out the paper's). Each default's reason is given beside it.
+
+A setting the chosen policy does not read is an error when it is set explicitly (see
+`IGNORED_BY`), so an option never does nothing in silence.
+"""
 
 from __future__ import annotations
 
@@ -9,53 +19,108 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 PolicyName = Literal["sync", "sorted", "partial", "async"]
 POLICIES: tuple[str, ...] = ("sync", "sorted", "partial", "async")
 
+# Settings each policy never reads, and why. `sorted` with cache=drop ignores max_staleness too.
+IGNORED_BY: dict[str, dict[str, str]] = {
+    "sync": {
+        "rollout_batch": "sync admits update_batch prompts and waits for all of them",
+        "cache": "sync never holds work across an update",
+        "max_staleness": "sync never trains stale work",
+        "max_regenerations": "sync never discards work",
+        "admission": "sync admits update_batch prompts and waits for all of them",
+    },
+    "sorted": {},
+    "partial": {
+        "cache": "partial resumes every partial response",
+        "max_staleness": "partial does not bound staleness",
+        "max_regenerations": "partial never discards work",
+        "admission": "partial keeps rollout_batch prompts open",
+    },
+    "async": {
+        "cache": "async bounds staleness with max_staleness",
+        "admission": "async admits within its staleness window",
+    },
+}
+
+
+def ignored_settings(policy: str, cache: str) -> dict[str, str]:
+    """Settings `policy` (with this `cache`) does not read -> why."""
+    ignored = dict(IGNORED_BY[policy])
+    if policy == "sorted" and cache == "drop":
+        ignored["max_staleness"] = "sorted with cache=drop trains on-policy tokens only"
+    return ignored
+
 
 class SchedulerConfig(BaseModel):
     """How the controller schedules rollout and updates."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Default: the method this project implements.
     policy: PolicyName = Field("sorted", description="sync | sorted | partial | async")
+    # Default: the usual GRPO group; 8 samples give the group-mean baseline enough to go on.
     group_size: int = Field(8, ge=1, description="responses per prompt (G)")
+    # Default: four update batches in flight, 256 responses for a 64-sequence engine.
     rollout_batch: int = Field(
-        128, ge=1, description="prompts kept in flight (R); sync uses update_batch instead"
+        32, ge=1, description="prompts kept in flight (R); sync uses update_batch instead"
     )
-    update_batch: int = Field(32, ge=1, description="complete groups per policy update (U)")
+    # Default: a quarter of the rollout batch, so updates come often and train short groups first.
+    update_batch: int = Field(8, ge=1, description="complete groups per policy update (U)")
+    # Default: keep measured the best goodput at a bounded staleness (README).
     cache: Literal["drop", "keep"] = Field(
         "keep",
         description="sorted: after an update, drop partial responses (regenerate on-policy) "
         "or keep them (resume under the new policy, bounded by max_staleness)",
     )
+    # Default: 2 discarded about half as much work as 1 in the simulator and in real runs.
     max_staleness: int = Field(
-        1, ge=0, description="most policy versions a trained token may lag (keep, async)"
+        2, ge=0, description="most policy versions a trained token may lag (sorted/keep, async)"
     )
+    # Default: a response restarted a third time is at risk of never finishing in time.
     max_regenerations: int = Field(
         2,
         ge=0,
         description="times a prompt's work may be discarded before it is protected: updates "
         "then wait for its group, so long prompts cannot starve",
     )
+    # Default: off, so every admitted prompt is trained, as in the paper.
     filter_equal_rewards: bool = Field(
         False,
         description="drop complete groups whose rewards are all equal (no advantage signal) "
         "and admit more prompts in their place (DAPO's dynamic sampling)",
     )
+    # Default: auto picks what measured best for each cache setting.
     admission: Literal["auto", "round", "fill"] = Field(
         "auto",
         description="sorted: admit a whole round when the previous one is consumed (round), or "
         "keep the engine full by admitting as slots free up, at most rollout_batch open (fill); "
         "auto: round with cache=drop, fill with cache=keep (what measured best, see README)",
     )
-    max_new_tokens: int = Field(16384, ge=1, description="response length cap")
+    # Default: the default task's answers (at most 40 letters, a token each) fit with room.
+    max_new_tokens: int = Field(64, ge=1, description="response length cap, in tokens")
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerConfig:
+        ignored = ignored_settings(self.policy, self.cache)
+        for name in sorted(self.model_fields_set & ignored.keys()):
+            raise ValueError(
+                f"{name} is set, but policy {self.policy}"
+                f"{' with cache=drop' if self.policy == 'sorted' else ''} ignores it "
+                f"({ignored[name]}); remove it"
+            )
         if self.policy != "sync" and self.update_batch > self.rollout_batch:
             raise ValueError(
                 f"update_batch ({self.update_batch}) must not exceed rollout_batch "
                 f"({self.rollout_batch}): an update needs that many complete groups in flight"
             )
         return self
+
+    @classmethod
+    def for_policy(cls, policy: str, **settings: object) -> SchedulerConfig:
+        """A config for `policy` from settings meant for several policies (a side-by-side
+        study): those this policy ignores are left out rather than refused."""
+        cache = str(settings.get("cache", cls.model_fields["cache"].default))
+        ignored = ignored_settings(policy, cache)
+        return cls(policy=policy, **{k: v for k, v in settings.items() if k not in ignored})
 
     @property
     def staleness_limit(self) -> int | None:

@@ -1,7 +1,7 @@
 """The stateful controller: owns every prompt and response, decides admission, updates, what
 each update trains, and what happens to stale work.
 
-The algorithm, as DESIGN.md section 2 reads SortedRL:
+The algorithm, as docs/design.md ("The algorithm as built") describes it:
 
 1. Admit prompts as the policy says (sorted: a round of `rollout_batch` prompts), each as a
    group of `group_size` responses; submit them to the engine as its slots free, resumed
@@ -9,8 +9,10 @@ The algorithm, as DESIGN.md section 2 reads SortedRL:
 2. Record finished responses in the rollout buffer. Responses finish roughly in length order,
    so groups complete short first.
 3. Once `update_batch` groups are complete (and no protected group is still generating), the
-   update trains the `update_batch` complete groups that completed first: shortest first, a
-   micro-curriculum within each round.
+   update trains `update_batch` complete groups: protected ones first, then those whose oldest
+   token is oldest (closest to the staleness limit), then in completion order. Groups made
+   under one version complete short first, so within a round updates go from short to long,
+   a micro-curriculum; a long group carried over from an earlier version goes ahead of them.
 4. After the update every piece of work still held is checked against the staleness limit
    (`drop`: 0, `keep`: `max_staleness`): work that could no longer be trained within the limit
    is discarded (its tokens counted as wasted) and regenerated from scratch, the rest resumes.
@@ -25,25 +27,29 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from sortedrl.scheduling.buffer import RolloutBuffer
 from sortedrl.scheduling.config import SchedulerConfig
-from sortedrl.scheduling.metrics import Ledger, UpdateRecord
+from sortedrl.scheduling.metrics import Ledger
 from sortedrl.scheduling.policies import Policy, make_policy
 from sortedrl.scheduling.protocol import (
     Generation,
-    Partial,
     Request,
-    TrainGroup,
-    TrainSample,
     UpdateBatch,
 )
 from sortedrl.scheduling.state import Group, GroupState, PromptSpec, Seq, SeqState
 
 # Queue priority classes: lower goes first.
 _PROTECTED, _RESUME, _ADMITTED = 0, 1, 2
+# Bump when the checkpoint layout changes. 2: update records use the measured names
+# (max_staleness_trained, ...); format 1 is upgraded on load, anything else refused.
+CHECKPOINT_FORMAT = 2
+_V1_UPDATE_KEYS = {
+    "mean_response_len": "response_len_mean",
+    "max_staleness": "max_staleness_trained",
+    "mean_staleness": "mean_staleness_trained",
+}
 
 
 class Controller:
@@ -85,6 +91,16 @@ class Controller:
     @property
     def live_admitted(self) -> int:
         return self._admitted - self._dropped_groups
+
+    @property
+    def num_queued(self) -> int:
+        """Responses waiting in the controller's queue to be submitted."""
+        return self._n_queued
+
+    @property
+    def requests_submitted(self) -> int:
+        """Requests handed to the engine so far: fresh, resumed and regenerated alike."""
+        return self._next_request
 
     @property
     def colocated(self) -> bool:
@@ -220,9 +236,9 @@ class Controller:
             self._promote()
 
     # --- updates ------------------------------------------------------------------------------
-    def update_due(self, trainer_busy: bool = False) -> bool:
-        """True when an update should start now."""
-        if trainer_busy or self._in_update is not None:
+    def update_due(self) -> bool:
+        """True when an update should start now (the run loop also waits for a busy trainer)."""
+        if self._in_update is not None:
             return False
         complete = self.buffer.num_complete()
         if complete == 0:
@@ -238,36 +254,18 @@ class Controller:
         return self.exhausted and complete == len(self._groups)
 
     def take_update_batch(self) -> UpdateBatch:
-        """The groups the next update trains: protected groups first, then in completion order
-        (short first). The engine must have been paused first when the policy is colocated."""
+        """The groups the next update trains: protected groups first, then by the version of
+        their oldest token (oldest first: the closest to the staleness limit), then in
+        completion order (short before long among groups of one version). The engine must
+        have been paused first when the policy is colocated."""
         assert self._in_update is None, "an update is already in progress"
         candidates = self.buffer.complete_groups()
-        candidates.sort(key=lambda g: (not g.protected, _oldest(g), g.completed_seq))
+        candidates.sort(key=lambda g: (not g.protected, g.oldest_version, g.completed_seq))
         # At most update_batch groups are protected at once, so all of them fit here.
         chosen = candidates[: self.config.update_batch]
         self.buffer.pop_groups(chosen)
         self._in_update = chosen
-        return UpdateBatch(self._version, [self._train_group(g) for g in chosen])
-
-    @staticmethod
-    def _train_group(group: Group) -> TrainGroup:
-        samples = []
-        for s in group.seqs:
-            c = s.content
-            assert c is not None and s.finish_reason is not None
-            samples.append(
-                TrainSample(
-                    s.index,
-                    c.n_tokens,
-                    s.finish_reason,
-                    list(c.version_spans),
-                    s.reward,
-                    c.token_ids,
-                    c.logprobs,
-                )
-            )
-        spec = group.spec
-        return TrainGroup(spec.prompt_id, spec.prompt_len, samples, spec.prompt_token_ids)
+        return UpdateBatch(self._version, [g.train_group() for g in chosen])
 
     def on_paused(self, partials: Sequence[Generation]) -> None:
         """The engine was paused (colocated update): running responses become cached partials."""
@@ -371,6 +369,64 @@ class Controller:
                 if seq.state is SeqState.QUEUED:
                     self._enqueue(seq, _PROTECTED)  # re-push at the front; old entry dies
 
+    # --- checkpoints --------------------------------------------------------------------------
+    # The whole state as plain JSON-able data (no pickle), taken between updates with nothing
+    # running in the engine (pause it first). Groups are named by admission order.
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to go on exactly from here; raises if the engine still runs
+        responses or an update is in progress."""
+        if self._running:
+            raise RuntimeError("checkpoint with responses still in the engine: pause it first")
+        if self._in_update is not None:
+            raise RuntimeError("checkpoint during an update")
+        live = (e for e in self._queue if e[2].ticket == e[1] and e[2].state is SeqState.QUEUED)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.model_dump(),
+            "version": self._version,
+            "admitted": self._admitted,
+            "dropped_groups": self._dropped_groups,
+            "next_request": self._next_request,
+            "groups": [g.state_dict() for g in self._groups.values()],
+            "queue": [[p, s.group.order, s.index] for p, _, s in sorted(live)],
+            **self.buffer.state_dict(),
+            "protect_waitlist": [g.order for g in self._protect_waitlist if g.open],
+            "ledger": self.ledger.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from `state` (see `state_dict`). Call it on a fresh controller built with the
+        same config and the same prompt source; the prompts it had admitted are skipped."""
+        if state.get("format") == 1:
+            state = _upgrade_v1(state)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unknown controller checkpoint format {state.get('format')!r}")
+        if self._admitted or self._tickets:
+            raise RuntimeError("load_state_dict needs a controller that has not started")
+        saved, current = state["config"], self.config.model_dump()
+        diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        if diff:
+            raise ValueError(f"scheduler settings differ from the checkpoint's: {', '.join(diff)}")
+        for _ in range(state["admitted"]):
+            if self._next_spec is None:
+                raise ValueError("the prompt source is shorter than what the checkpoint admitted")
+            self._next_spec = next(self._prompts, None)
+        self._version = state["version"]
+        self._admitted = state["admitted"]
+        self._dropped_groups = state["dropped_groups"]
+        self._next_request = state["next_request"]
+        for gs in state["groups"]:
+            group = Group.from_state_dict(gs)
+            self._groups[group.order] = group
+            self._n_protected += group.protected
+        groups = self._groups
+        self.buffer.load_state_dict(state, groups)
+        for priority, order, index in state["queue"]:
+            self._enqueue(groups[order].seqs[index], priority)
+        self._protect_waitlist.extend(groups[o] for o in state["protect_waitlist"])
+        self.ledger.load_state_dict(state["ledger"])
+
     # --- the end ------------------------------------------------------------------------------
     def done(self) -> bool:
         """All data admitted and every admitted prompt trained or dropped."""
@@ -400,149 +456,30 @@ class Controller:
         return len(lost)
 
 
-def _oldest(group: Group) -> int:
-    """Version of a complete group's oldest token: the closest to the staleness limit."""
-    return min(s.content.version_spans[0][0] for s in group.seqs if s.content and s.n_tokens)
-
-
 # --- checkpoints ------------------------------------------------------------------------------
-# The controller's whole state as plain JSON-able data (no pickle): taken between updates with
-# nothing running in the engine (pause it first), restored into a controller built with the
-# same config and the same prompt source.
 
 
-def _seq_state(seq: Seq) -> dict[str, Any]:
-    c = seq.content
-    return {
-        "index": seq.index,
-        "attempt": seq.attempt,
-        "state": seq.state.value,
-        "finish_reason": seq.finish_reason,
-        "reward": seq.reward,
-        "content": None
-        if c is None
-        else {
-            "n_tokens": c.n_tokens,
-            "version_spans": [list(x) for x in c.version_spans],
-            "token_ids": c.token_ids,
-            "logprobs": c.logprobs,
-        },
-    }
+def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint in format 2: only the update records' key names changed."""
+    ledger = dict(state["ledger"])
+    ledger["updates"] = [
+        {_V1_UPDATE_KEYS.get(k, k): v for k, v in u.items()} for u in ledger["updates"]
+    ]
+    return {**state, "format": 2, "ledger": ledger}
+
+
+# Thin functions kept for callers of the first checkpoint API; they use the methods.
 
 
 def controller_state(ctl: Controller) -> dict[str, Any]:
-    """Everything needed to go on exactly where `ctl` is; raises if the engine still runs
-    responses or an update is in progress."""
-    if ctl._running:
-        raise RuntimeError("checkpoint with responses still in the engine: pause it first")
-    if ctl._in_update is not None:
-        raise RuntimeError("checkpoint during an update")
-    queue = sorted(e for e in ctl._queue if e[2].ticket == e[1] and e[2].state is SeqState.QUEUED)
-    ledger = ctl.ledger
-    return {
-        "format": 1,
-        "config": ctl.config.model_dump(),
-        "version": ctl._version,
-        "admitted": ctl._admitted,
-        "dropped_groups": ctl._dropped_groups,
-        "next_request": ctl._next_request,
-        "groups": [
-            {
-                "prompt_id": g.spec.prompt_id,
-                "prompt_len": g.spec.prompt_len,
-                "prompt_token_ids": g.spec.prompt_token_ids,
-                "order": g.order,
-                "round": g.round,
-                "state": g.state.value,
-                "n_finished": g.n_finished,
-                "regenerations": g.regenerations,
-                "protected": g.protected,
-                "completed_seq": g.completed_seq,
-                "seqs": [_seq_state(s) for s in g.seqs],
-            }
-            for g in ctl._groups.values()
-        ],
-        "queue": [[p, s.group.order, s.index] for p, _, s in queue],
-        "complete": [g.order for g in ctl.buffer.complete_groups()],
-        "completions": ctl.buffer._completions,
-        "cached": [[s.group.order, s.index] for s in ctl.buffer._cached],
-        "protect_waitlist": [g.order for g in ctl._protect_waitlist if g.open],
-        "ledger": {
-            "prompts_admitted": ledger.prompts_admitted,
-            "prompts_trained": ledger.prompts_trained,
-            "prompts_dropped": dict(ledger.prompts_dropped),
-            "samples_trained": ledger.samples_trained,
-            "tokens_generated": ledger.tokens_generated,
-            "tokens_trained": ledger.tokens_trained,
-            "tokens_wasted": dict(ledger.tokens_wasted),
-            "staleness_hist": {str(k): v for k, v in ledger.staleness_hist.items()},
-            "regenerations": ledger.regenerations,
-            "updates": [asdict(u) for u in ledger.updates],
-        },
-    }
+    """`ctl.state_dict()`."""
+    return ctl.state_dict()
 
 
 def restore_controller(
     config: SchedulerConfig, prompts: Iterable[PromptSpec], state: dict[str, Any]
 ) -> Controller:
-    """A controller that goes on from `state` (see `controller_state`). `prompts` must be the
-    same source the checkpointed run used; the ones it had admitted are skipped."""
-    if state.get("format") != 1:
-        raise ValueError(f"unknown controller checkpoint format {state.get('format')!r}")
-    saved = SchedulerConfig.model_validate(state["config"])
-    if saved != config:
-        diff = sorted(
-            k for k in type(config).model_fields if getattr(saved, k) != getattr(config, k)
-        )
-        raise ValueError(f"scheduler settings differ from the checkpoint's: {', '.join(diff)}")
-    it = iter(prompts)
-    for _ in range(state["admitted"]):
-        if next(it, None) is None:
-            raise ValueError("the prompt source is shorter than what the checkpoint admitted")
-    ctl = Controller(config, it)
-    ctl._version = state["version"]
-    ctl._admitted = state["admitted"]
-    ctl._dropped_groups = state["dropped_groups"]
-    ctl._next_request = state["next_request"]
-    for gs in state["groups"]:
-        spec = PromptSpec(gs["prompt_id"], gs["prompt_len"], gs["prompt_token_ids"])
-        group = Group(spec, gs["order"], gs["round"])
-        group.state = GroupState(gs["state"])
-        group.n_finished = gs["n_finished"]
-        group.regenerations = gs["regenerations"]
-        group.protected = gs["protected"]
-        group.completed_seq = gs["completed_seq"]
-        for ss in gs["seqs"]:
-            seq = Seq(group, ss["index"], ss["attempt"], SeqState(ss["state"]))
-            seq.finish_reason = ss["finish_reason"]
-            seq.reward = ss["reward"]
-            c = ss["content"]
-            if c is not None:
-                spans = [(int(v), int(n)) for v, n in c["version_spans"]]
-                seq.content = Partial(c["n_tokens"], spans, c["token_ids"], c["logprobs"])
-            seq.submitted_prefix = seq.n_tokens
-            group.seqs.append(seq)
-        ctl._groups[group.order] = group
-        if group.protected:
-            ctl._n_protected += 1
-    groups = ctl._groups
-    for order in state["complete"]:
-        ctl.buffer._complete[order] = groups[order]
-    ctl.buffer._completions = state["completions"]
-    for order, index in state["cached"]:
-        ctl.buffer._cached.append(groups[order].seqs[index])
-    for priority, order, index in state["queue"]:
-        ctl._enqueue(groups[order].seqs[index], priority)
-    ctl._protect_waitlist.extend(groups[o] for o in state["protect_waitlist"])
-    lg, ledger = state["ledger"], ctl.ledger
-    ledger.prompts_admitted = lg["prompts_admitted"]
-    ledger.prompts_trained = lg["prompts_trained"]
-    ledger.prompts_dropped.update(lg["prompts_dropped"])
-    ledger.samples_trained = lg["samples_trained"]
-    ledger.tokens_generated = lg["tokens_generated"]
-    ledger.tokens_trained = lg["tokens_trained"]
-    ledger.tokens_wasted.update(lg["tokens_wasted"])
-    ledger.staleness_hist.update({int(k): v for k, v in lg["staleness_hist"].items()})
-    ledger.regenerations = lg["regenerations"]
-    ledger.updates = [UpdateRecord(**u) for u in lg["updates"]]
+    """A controller built from `config` and `prompts` that goes on from `state`."""
+    ctl = Controller(config, prompts)
+    ctl.load_state_dict(state)
     return ctl

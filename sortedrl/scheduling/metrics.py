@@ -1,6 +1,6 @@
 """The one place where the run's measures are defined.
 
-Bubble ratio (DESIGN section 3): over the time the engine is generating, idle slot-time over
+Bubble ratio (docs/design.md, measures): over the time the engine is generating, idle slot-time over
 total slot-time, `1 - busy_slot_s / (capacity * generating_s)`. It counts work that is later
 discarded as busy, so it is always reported beside goodput: trained tokens (and samples) per
 second of wall time.
@@ -9,16 +9,29 @@ second of wall time.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PHASES = ("rollout", "reward", "update", "weight_sync", "idle")
 
 
+class OvercountedBusyTime(RuntimeError):
+    """An engine reported more busy slot-time than its capacity allows: a bug, not a metric."""
+
+
 def bubble_ratio(busy_slot_s: float, capacity: int, generating_s: float) -> float:
+    """Idle share of the slot-time; an engine that reports more busy slot-time than
+    `capacity * generating_s` is an error (never clamped away)."""
     if generating_s <= 0 or capacity <= 0:
         return 0.0
-    return max(0.0, 1.0 - busy_slot_s / (capacity * generating_s))
+    total = capacity * generating_s
+    if busy_slot_s > total * (1 + 1e-9):
+        raise OvercountedBusyTime(
+            f"busy slot-time {busy_slot_s:.6g} exceeds capacity {capacity} x generating time "
+            f"{generating_s:.6g} s: the engine over-counts its running sequences"
+        )
+    # Only a rounding residue (at most 1e-9 of the total) can make this negative.
+    return max(0.0, 1.0 - busy_slot_s / total)
 
 
 def goodput(trained: float, wall_time_s: float) -> float:
@@ -60,6 +73,32 @@ class Ledger:
         self.staleness_hist: Counter[int] = Counter()  # staleness -> trained tokens
         self.regenerations = 0  # responses restarted from scratch after their work was discarded
         self.updates: list[UpdateRecord] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "prompts_admitted": self.prompts_admitted,
+            "prompts_trained": self.prompts_trained,
+            "prompts_dropped": dict(self.prompts_dropped),
+            "samples_trained": self.samples_trained,
+            "tokens_generated": self.tokens_generated,
+            "tokens_trained": self.tokens_trained,
+            "tokens_wasted": dict(self.tokens_wasted),
+            "staleness_hist": {str(k): v for k, v in self.staleness_hist.items()},
+            "regenerations": self.regenerations,
+            "updates": [asdict(u) for u in self.updates],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts_admitted = state["prompts_admitted"]
+        self.prompts_trained = state["prompts_trained"]
+        self.prompts_dropped = Counter(state["prompts_dropped"])
+        self.samples_trained = state["samples_trained"]
+        self.tokens_generated = state["tokens_generated"]
+        self.tokens_trained = state["tokens_trained"]
+        self.tokens_wasted = Counter(state["tokens_wasted"])
+        self.staleness_hist = Counter({int(k): v for k, v in state["staleness_hist"].items()})
+        self.regenerations = state["regenerations"]
+        self.updates = [UpdateRecord(**u) for u in state["updates"]]
 
     def add_trained_spans(self, version: int, spans: list[tuple[int, int]]) -> None:
         for v, n in spans:

@@ -2,8 +2,9 @@
 
 A policy answers two questions: how many new prompts to admit now, and whether the engine
 pauses while the trainer updates (colocated) or keeps generating (async). When updates happen
-(`update_batch` complete groups), what they train (shortest complete groups first) and how
-stale work is handled (`SchedulerConfig.staleness_limit`) are shared by all of them.
+(`update_batch` complete groups), what they train (oldest tokens first, then in completion
+order: short before long within a version) and how stale work is handled
+(`SchedulerConfig.staleness_limit`) are shared by all of them.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Sorted(Policy):
         return max(0, cfg.update_batch - view.open_groups)
 
 
-class Partial(Policy):
+class PartialRollout(Policy):
     """Kimi k1.5 / APRIL partial rollout: keep `rollout_batch` prompts in flight, update at
     `update_batch` complete groups, resume the unfinished ones first in the next step."""
 
@@ -94,7 +95,7 @@ class Async(Policy):
 POLICY_CLASSES: dict[str, type[Policy]] = {
     "sync": Sync,
     "sorted": Sorted,
-    "partial": Partial,
+    "partial": PartialRollout,
     "async": Async,
 }
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
-from sortedrl.scheduling.protocol import FinishReason, Partial
+from sortedrl.scheduling.protocol import FinishReason, Partial, TrainGroup, TrainSample
 
 
 class SeqState(str, Enum):
@@ -69,6 +70,37 @@ class Seq:
         # A running response with nothing returned yet: its first token's version.
         return self.first_version if self.state is SeqState.GENERATING else None
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (taken with nothing running, so no request id is kept)."""
+        c = self.content
+        return {
+            "index": self.index,
+            "attempt": self.attempt,
+            "state": self.state.value,
+            "finish_reason": self.finish_reason,
+            "reward": self.reward,
+            "content": None
+            if c is None
+            else {
+                "n_tokens": c.n_tokens,
+                "version_spans": [list(x) for x in c.version_spans],
+                "token_ids": c.token_ids,
+                "logprobs": c.logprobs,
+            },
+        }
+
+    @classmethod
+    def from_state_dict(cls, group: Group, state: dict[str, Any]) -> Seq:
+        seq = cls(group, state["index"], state["attempt"], SeqState(state["state"]))
+        seq.finish_reason = state["finish_reason"]
+        seq.reward = state["reward"]
+        c = state["content"]
+        if c is not None:
+            spans = [(int(v), int(n)) for v, n in c["version_spans"]]
+            seq.content = Partial(c["n_tokens"], spans, c["token_ids"], c["logprobs"])
+        seq.submitted_prefix = seq.n_tokens
+        return seq
+
 
 @dataclass(eq=False)
 class Group:
@@ -89,3 +121,56 @@ class Group:
     @property
     def open(self) -> bool:
         return self.state in (GroupState.ACTIVE, GroupState.COMPLETE)
+
+    @property
+    def oldest_version(self) -> int:
+        """Version of a complete group's oldest token: the closest to the staleness limit."""
+        return min(s.content.version_spans[0][0] for s in self.seqs if s.content and s.n_tokens)
+
+    def train_group(self) -> TrainGroup:
+        """This complete group as the trainer sees it."""
+        samples = []
+        for s in self.seqs:
+            c = s.content
+            assert c is not None and s.finish_reason is not None
+            samples.append(
+                TrainSample(
+                    s.index,
+                    c.n_tokens,
+                    s.finish_reason,
+                    list(c.version_spans),
+                    s.reward,
+                    c.token_ids,
+                    c.logprobs,
+                )
+            )
+        spec = self.spec
+        return TrainGroup(spec.prompt_id, spec.prompt_len, samples, spec.prompt_token_ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "prompt_id": spec.prompt_id,
+            "prompt_len": spec.prompt_len,
+            "prompt_token_ids": spec.prompt_token_ids,
+            "order": self.order,
+            "round": self.round,
+            "state": self.state.value,
+            "n_finished": self.n_finished,
+            "regenerations": self.regenerations,
+            "protected": self.protected,
+            "completed_seq": self.completed_seq,
+            "seqs": [s.state_dict() for s in self.seqs],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Group:
+        spec = PromptSpec(state["prompt_id"], state["prompt_len"], state["prompt_token_ids"])
+        group = cls(spec, state["order"], state["round"])
+        group.state = GroupState(state["state"])
+        group.n_finished = state["n_finished"]
+        group.regenerations = state["regenerations"]
+        group.protected = state["protected"]
+        group.completed_seq = state["completed_seq"]
+        group.seqs = [Seq.from_state_dict(group, ss) for ss in state["seqs"]]
+        return group

@@ -7,40 +7,42 @@ scheduling alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from sortedrl.engines.costmodel import ClusterSpec, CostModel, get_preset
-from sortedrl.engines.simulated import CostModelTrainer, SimulatedEngine
+from sortedrl.engines.simulated import SimulatedEngine
+from sortedrl.engines.simulated_trainer import CostModelTrainer
 from sortedrl.errors import ConfigError, format_validation_error
-from sortedrl.scheduling.config import POLICIES, SchedulerConfig
+from sortedrl.scheduling.config import POLICIES, SchedulerConfig, ignored_settings
 from sortedrl.scheduling.controller import Controller
-from sortedrl.scheduling.loop import RunResult, run
+from sortedrl.scheduling.loop import RunResult, Scorer, run
+from sortedrl.scheduling.protocol import Generation
 from sortedrl.scheduling.state import PromptSpec
-from sortedrl.sim.workload import Workload
+from sortedrl.workload import Workload, default_lengths_spec
 
 # `sorted-drop` / `sorted-keep` let one run compare both cache policies.
 VARIANTS = {"sorted-drop": ("sorted", "drop"), "sorted-keep": ("sorted", "keep")}
+# 2048 prompts: 16 updates of 128 groups at the paper's setting, a few minutes on one core.
+DEFAULT_PROMPTS = 2048
 
 
 @dataclass
 class SimSettings:
+    """One side-by-side study. `scheduler` holds the `SchedulerConfig` settings given
+    explicitly; each policy gets those it reads and the defaults for the rest."""
+
     preset: str
     policies: list[str]
     prompts: int
-    group_size: int
-    rollout_batch: int
-    update_batch: int
-    cache: str = "keep"
-    max_staleness: int = 1
-    max_regenerations: int = 2
-    admission: str = "auto"
+    scheduler: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     async_rollout_gpus: int | None = None  # None: try the splits and keep the best goodput
-    extra: dict[str, Any] = field(default_factory=dict)
+    solve_rate: float | None = None  # None: no rewards (all 0); see `solve_rate_scorer`
 
 
 def build_workload(
@@ -52,7 +54,8 @@ def build_workload(
     spec: ClusterSpec,
     seed: int,
 ) -> Workload:
-    """The response lengths every policy sees: from a trace, a spec, or the preset's default."""
+    """The response lengths every policy sees: from a trace, a spec, or the default spec for
+    the preset's response cap."""
     if prompts < 1:
         raise ConfigError(f"--prompts must be >= 1, got {prompts}")
     if group_size is not None and group_size < 1:
@@ -68,8 +71,9 @@ def build_workload(
             )
         return workload
     ids = [f"p{i}" for i in range(prompts)]
+    g = group_size or SchedulerConfig.model_fields["group_size"].default
     return Workload.from_spec(
-        lengths or spec.default_lengths, spec.response_cap, group_size or 8, ids, seed
+        lengths or default_lengths_spec(spec.response_cap), spec.response_cap, g, ids, seed
     )
 
 
@@ -88,20 +92,56 @@ def parse_policies(text: str) -> list[str]:
     return names
 
 
-def scheduler_config(s: SimSettings, name: str, cap: int) -> SchedulerConfig:
-    policy, cache = VARIANTS.get(name, (name, s.cache))
-    try:
-        return SchedulerConfig(
-            policy=policy,
-            cache=cache,
-            group_size=s.group_size,
-            rollout_batch=s.rollout_batch,
-            update_batch=s.update_batch,
-            max_staleness=s.max_staleness,
-            max_regenerations=s.max_regenerations,
-            admission=s.admission,
-            max_new_tokens=cap,
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _why_unread(s: SimSettings, name: str, key: str) -> str | None:
+    """Why policy `name` does not read setting `key`; None when it does."""
+    if name in VARIANTS and key == "cache":
+        return f"{name} sets the cache itself"
+    default_cache = SchedulerConfig.model_fields["cache"].default
+    policy, cache = VARIANTS.get(name, (name, s.scheduler.get("cache", default_cache)))
+    return ignored_settings(policy, cache).get(key)
+
+
+def check_settings(s: SimSettings, spec: ClusterSpec) -> None:
+    """Every explicit setting is read by at least one policy of the study, and valid."""
+    for key in s.scheduler:
+        reasons = [_why_unread(s, name, key) for name in s.policies]
+        if all(reasons):
+            raise ConfigError(
+                f"{_flag(key)} is set, but no policy in --policies reads it "
+                f"({'; '.join(dict.fromkeys(r for r in reasons if r))})"
+            )
+    if s.async_rollout_gpus is not None and "async" not in s.policies:
+        raise ConfigError("--async-rollout-gpus is set, but --policies has no async")
+    if s.solve_rate is not None and not 0.0 <= s.solve_rate <= 1.0:
+        raise ConfigError(f"--solve-rate must be in [0, 1], got {s.solve_rate}")
+    if s.scheduler.get("filter_equal_rewards") and s.solve_rate is None:
+        raise ConfigError(
+            "--filter-equal-rewards needs --solve-rate: without it every simulated reward is 0 "
+            "and every group would be filtered"
         )
+    cap = s.scheduler.get("max_new_tokens")
+    if cap is not None and cap > spec.response_cap:
+        raise ConfigError(
+            f"--max-new-tokens {cap} exceeds the response cap {spec.response_cap} that preset "
+            f"'{spec.name}' is sized for"
+        )
+    for name in s.policies:
+        scheduler_config(s, name, spec.response_cap)
+
+
+def scheduler_config(s: SimSettings, name: str, cap: int) -> SchedulerConfig:
+    """Policy `name`'s config: the settings it reads; the response cap is the preset's
+    unless --max-new-tokens says otherwise."""
+    policy, cache = VARIANTS.get(name, (name, None))
+    settings = {"max_new_tokens": cap, **s.scheduler}
+    if cache is not None:
+        settings["cache"] = cache
+    try:
+        return SchedulerConfig.for_policy(policy, **settings)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
 
@@ -129,7 +169,26 @@ def run_policy(
         if progress is not None:
             progress(record.samples // cfg.group_size)
 
-    return run(controller, engine, trainer, on_update=on_update)
+    scorer = None if s.solve_rate is None else solve_rate_scorer(s.seed, s.solve_rate)
+    return run(controller, engine, trainer, scorer=scorer, on_update=on_update)
+
+
+def solve_rate_scorer(seed: int, rate: float) -> Scorer:
+    """Simulated rewards: a response is correct (1.0) with probability `rate`, drawn from a
+    hash of (seed, prompt, sample, length), so every policy sees the same rewards for the
+    same responses and a regenerated response of another length draws again."""
+
+    def score(
+        gens: Sequence[Generation], keys: Sequence[tuple[str, int]]
+    ) -> tuple[list[float], float]:
+        out = []
+        for gen, (pid, index) in zip(gens, keys, strict=True):
+            key = f"{seed}\x00{pid}\x00{index}\x00{gen.n_tokens}".encode()
+            u = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") * 2.0**-64
+            out.append(1.0 if u < rate else 0.0)
+        return out, 0.0
+
+    return score
 
 
 def async_splits(spec: ClusterSpec) -> list[int]:
@@ -148,8 +207,7 @@ def simulate(
     CostModel(spec)  # validate the preset fits before spending time
     if s.prompts > len(workload):
         raise ConfigError(f"--prompts {s.prompts} exceeds the {len(workload)} prompts of the trace")
-    for name in s.policies:  # every setting checked before any time is spent
-        scheduler_config(s, name, spec.response_cap)
+    check_settings(s, spec)  # every setting checked before any time is spent
     results: dict[str, Any] = {}
     timelines: dict[str, Any] = {}
     for name in s.policies:
@@ -173,15 +231,28 @@ def simulate(
                 "wall_time": _ratio(summary["wall_time_s"], base["wall_time_s"]),
                 "goodput": _ratio(summary["goodput_tokens_per_s"], base["goodput_tokens_per_s"]),
             }
+    defaults = {k: f.default for k, f in SchedulerConfig.model_fields.items() if k != "policy"}
+    settings = {
+        "preset": s.preset,
+        "policies": s.policies,
+        "prompts": s.prompts,
+        **defaults,
+        "max_new_tokens": spec.response_cap,
+        **s.scheduler,
+        "seed": s.seed,
+        "async_rollout_gpus": s.async_rollout_gpus,
+        "solve_rate": s.solve_rate,
+        "preset_description": CostModel(spec).describe(),
+    }
     return {
-        "settings": {**s.__dict__, "preset_description": CostModel(spec).describe()},
+        "settings": settings,
         "policies": results,
         "_timelines": timelines,
     }
 
 
 def _best_async(s, workload, spec, report):
-    splits = [s.async_rollout_gpus] if s.async_rollout_gpus else async_splits(spec)
+    splits = [s.async_rollout_gpus] if s.async_rollout_gpus is not None else async_splits(spec)
     if not splits:
         raise ConfigError(
             f"async needs separate rollout and training GPUs; preset '{spec.name}' has "

@@ -9,10 +9,10 @@ from sortedrl.errors import ConfigError
 
 
 def _task_classes() -> dict[str, type]:
+    from sortedrl.tasks.countdown import SyntheticTask
     from sortedrl.tasks.knights_knaves import KnightsKnavesTask
     from sortedrl.tasks.math import MathTask
     from sortedrl.tasks.reverse import ReverseTask
-    from sortedrl.tasks.synthetic import SyntheticTask
 
     return {
         "reverse": ReverseTask,

@@ -1,5 +1,8 @@
 """Response lengths for the simulated engine: from a distribution spec or a recorded trace.
 
+This module sits below the engines: the simulated engine needs only the `LengthModel`
+protocol (`length()`, `cap`), which `Workload` implements.
+
 A `Workload` knows, for each prompt, the lengths of its `group_size` responses. The first
 attempt at a response gets its recorded length; a response regenerated from scratch draws
 again from the same prompt's recorded lengths, since a prompt's difficulty, not chance alone,
@@ -30,6 +33,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Protocol
 
 from sortedrl.errors import ConfigError, InputFileError
 
@@ -40,6 +44,19 @@ _U64 = 2.0**-64
 def _index(seed: int, key: str, n: int) -> int:
     raw = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
     return int.from_bytes(raw, "little") % n
+
+
+class LengthModel(Protocol):
+    """What the simulated engine asks about response lengths."""
+
+    @property
+    def cap(self) -> int:
+        """The longest response any call to `length` returns."""
+        ...
+
+    def length(self, prompt_id: str, sample_index: int, attempt: int = 0) -> int:
+        """Total length of this attempt at this response (deterministic)."""
+        ...
 
 
 # --- distributions ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sortedrl.errors import ConfigError
-from sortedrl.tasks.synthetic import (
+from sortedrl.tasks.countdown import (
     ALPHABET,
     REWARD_BAD,
     REWARD_CORRECT,
