@@ -182,6 +182,8 @@ class VLLMEngine:
                 "neither is the log_softmax(logits / temperature) the trainer recomputes"
             )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+        # vLLM logs every start-up step at INFO; quieter unless asked (read at its import).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm.platforms import current_platform
 
         want = "cuda" if str(device).startswith("cuda") else str(device)
