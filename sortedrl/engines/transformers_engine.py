@@ -375,6 +375,14 @@ class TransformersEngine:
         self._kv = None
         return out
 
+    def rng_state(self) -> torch.Tensor:
+        """The sampling generator's state (optional protocol method, for checkpoints)."""
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore a state from `rng_state()`: the same calls then sample the same tokens."""
+        self.generator.set_state(state)
+
     def load_weights(self, weights: Any, version: int) -> float:
         """Copy `weights` (a state dict of tensors, or None for weights already in place) into
         the model in place, and serve them as `version`.
