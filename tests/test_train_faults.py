@@ -57,7 +57,7 @@ def test_an_engine_that_keeps_crashing_stops_with_a_checkpoint(tmp_path, monkeyp
     from sortedrl.engines.transformers_engine import TransformersEngine
     from sortedrl.errors import SortedRLError
 
-    real_step, real_eval = TransformersEngine.step, train_module._eval
+    real_step, real_eval = TransformersEngine.step, train_module.evaluate_run
     state = {"evaluated": False, "steps": 0}
 
     def eval_then_break(*args, **kwargs):
@@ -71,10 +71,10 @@ def test_an_engine_that_keeps_crashing_stops_with_a_checkpoint(tmp_path, monkeyp
             raise RuntimeError("device lost")
         return real_step(self)
 
-    monkeypatch.setattr(train_module, "_eval", eval_then_break)
+    monkeypatch.setattr(train_module, "evaluate_run", eval_then_break)
     monkeypatch.setattr(TransformersEngine, "step", dead)
     with pytest.raises(SortedRLError, match="failed 2 time.*checkpoint written to .*resume"):
-        train(load_config(None, [*TINY, "max_engine_restarts=1"]), tmp_path / "run", progress=False)
+        train(load_config(None, [*TINY, "max_engine_failures=2"]), tmp_path / "run", progress=False)
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
@@ -104,21 +104,21 @@ def test_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tmp_path, 
 
 
 def test_untrusted_rewards_are_sandboxed_by_default(tmp_path):
-    from sortedrl.commands.train import _make_score_fn, build_task
-    from sortedrl.tasks.rewards import RewardRunner
+    from sortedrl.tasks.registry import build_task
+    from sortedrl.tasks.scoring import make_scorer
 
     data = tmp_path / "m.jsonl"
     data.write_text('{"problem": "1+1?", "answer": "2"}\n')
     cfg = load_config(None, ["task.name=math", f"task.path={data}"])
-    scorer, close = _make_score_fn(cfg, build_task(cfg))
+    scorer = make_scorer(cfg.task, build_task(cfg.task))
     try:
-        assert isinstance(scorer, RewardRunner) and scorer.n_workers == 2
+        assert scorer.n_workers == 2
     finally:
-        close()
-    cfg = load_config(None, [])  # the built-in reverse verifier: in-process
-    scorer, close = _make_score_fn(cfg, build_task(cfg))
-    assert not isinstance(scorer, RewardRunner)
-    close()
+        scorer.close()
+    cfg = load_config(None, [])  # the built-in reverse verifier: in-process, size limit only
+    scorer = make_scorer(cfg.task, build_task(cfg.task))
+    assert scorer.n_workers == 0
+    scorer.close()
 
 
 def test_resume_with_other_settings_is_refused_by_name(tmp_path):

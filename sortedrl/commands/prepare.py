@@ -142,9 +142,7 @@ def problems_of(cfg: TrainConfig, task: Any) -> tuple[list[Problem], list[Proble
     return train, held_out
 
 
-def prepare_prompts(
-    train: list[Problem], held_out: list[Problem], tokenizer: Any
-) -> Prompts:
+def prepare_prompts(train: list[Problem], held_out: list[Problem], tokenizer: Any) -> Prompts:
     """Tokenize the RL prompts (through the chat template when there is one)."""
     from sortedrl.commands.evaluate import prompt_token_ids
 
