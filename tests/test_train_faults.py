@@ -73,8 +73,11 @@ def test_an_engine_that_keeps_crashing_stops_with_a_checkpoint(tmp_path, monkeyp
 
     monkeypatch.setattr(train_module, "evaluate_run", eval_then_break)
     monkeypatch.setattr(TransformersEngine, "step", dead)
-    with pytest.raises(SortedRLError, match="failed 2 time.*checkpoint written to .*resume"):
-        train(load_config(None, [*TINY, "max_engine_failures=2"]), tmp_path / "run", progress=False)
+    # max_engine_failures=3: restarted after the 1st and 2nd failure, stopped at the 3rd.
+    with pytest.raises(
+        SortedRLError, match=r"failed 3 time\(s\) in a row.*checkpoint written to .*resume"
+    ):
+        train(load_config(None, [*TINY, "max_engine_failures=3"]), tmp_path / "run", progress=False)
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 

@@ -52,12 +52,12 @@ def train(
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
     t_start = time.perf_counter()
     out = Path(out_dir)
+    task = build_task(cfg.task)  # a bad data file is reported before anything is written
+    train_problems, eval_problems = problems_of(cfg, task)
     claim_out_dir(out, resume=bool(cfg.resume), overwrite=overwrite)
     resumed = find_resume(cfg, out / "checkpoints")
     # Settings first: a checkpoint of another model is refused before its weights are read.
     state = resumed_state(cfg, resumed) if resumed else RunState(settings=run_settings(cfg))
-    task = build_task(cfg.task)
-    train_problems, eval_problems = problems_of(cfg, task)
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = prepare_model(cfg, task)
