@@ -135,3 +135,58 @@ def test_resume_with_other_settings_is_refused_by_name(tmp_path):
     # The same settings (a longer budget is not a setting of the run) go on.
     s = train(load_config(None, [*TINY, "resume=auto"]), out, progress=False)
     assert s["prompts_trained"] == 16 and s["resumed_from"]
+
+
+def test_async_engine_restart_never_copies_weights_the_trainer_is_changing(tmp_path, monkeypatch):
+    """Under `async` the trainer changes the model in its own thread. An engine that fails in
+    the middle of an update is restarted with the weights of the last finished update, not a
+    copy of the half-updated model."""
+    import threading
+
+    import torch
+
+    from sortedrl.commands.run import Run
+    from sortedrl.commands.train import train
+    from sortedrl.engines.transformers_engine import TransformersEngine
+    from sortedrl.training.trainer import GRPOTrainer
+
+    real_update, real_step, real_restart = (
+        GRPOTrainer.update,
+        TransformersEngine.step,
+        Run.restart_engine,
+    )
+    in_update, restarted = threading.Event(), threading.Event()
+    seen: list[float] = []
+
+    def update_with_a_slow_middle(self, batch):
+        if not restarted.is_set():
+            with torch.no_grad():  # the middle of a step: weights far from any version
+                for p in self.model.parameters():
+                    p.add_(1000.0)
+            in_update.set()
+            restarted.wait(timeout=60)
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.sub_(1000.0)
+            in_update.clear()
+        return real_update(self, batch)
+
+    def step_failing_mid_update(self):
+        if in_update.is_set() and not restarted.is_set():
+            raise RuntimeError("worker lost")
+        return real_step(self)
+
+    def restart_and_look(self):
+        engine = real_restart(self)
+        seen.append(max(float(p.abs().max()) for p in engine.model.parameters()))
+        restarted.set()
+        return engine
+
+    monkeypatch.setattr(GRPOTrainer, "update", update_with_a_slow_middle)
+    monkeypatch.setattr(TransformersEngine, "step", step_failing_mid_update)
+    monkeypatch.setattr(Run, "restart_engine", restart_and_look)
+    s = train(
+        load_config(None, [*TINY, "scheduler.policy=async"]), tmp_path / "run", progress=False
+    )
+    assert len(seen) == 1 and seen[0] < 100.0, seen  # no +1000 of the half-done step
+    assert s["engine_restarts"] == 1 and s["prompts_trained"] == 16

@@ -210,6 +210,55 @@ class Run:
             )
         return result
 
+    def finish(self, out: Path, result: RunResult) -> dict[str, Any]:
+        """After the loop: evaluate, save the model, draw the report; returns the evaluation."""
+        self.model.eval()
+        eval_after = self.evaluate()
+        steps = len(self.state.history)
+        if not self.state.evals or self.state.evals[-1]["step"] != steps:
+            self.state.evals.append({"step": steps, **eval_after})
+        assert self.state.eval_before is not None
+        self.logger.evals(self.state.eval_before, eval_after, steps)
+        self.model.save_pretrained(out / "model", safe_serialization=True)
+        self.tokenizer.save_pretrained(out / "model")
+        self.logger.report(
+            out / "report.png",
+            self.state.history,
+            self.state.evals,
+            result.clock,
+            result.engine.capacity,
+        )
+        return eval_after
+
+    def summary(
+        self,
+        result: RunResult,
+        eval_after: dict[str, Any],
+        *,
+        resumed_from: str | None,
+        model_time_s: float,
+    ) -> dict[str, Any]:
+        """`summary.json`: the loop's summary with its times over every segment of the run."""
+        doc = {
+            **result.summary,
+            **self.state.clock.plus(result.clock).summary_times(
+                result.engine.capacity,
+                result.summary["tokens_trained"],
+                result.summary["samples_trained"],
+            ),
+            "resumed_from": resumed_from,
+            "model_time_s": model_time_s,
+            "eval_before": self.state.eval_before,
+            "eval_after": eval_after,
+            "evals": self.state.evals,
+            "engine_stats": dict(getattr(result.engine, "stats", {})),
+            "config": self.cfg.model_dump(mode="json"),
+            "out_dir": str(self.ckpt_root.parent),
+        }
+        doc["loop_time_s"] = doc["wall_time_s"]  # the run loop's time, every segment
+        doc["wall_time_s"] = self.elapsed_now()  # preparation and evaluation included
+        return doc
+
     # --- internals ------------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: Any) -> None:

@@ -116,40 +116,14 @@ def train(
                 run.restore_rng(resumed["trainer"]["rng"])
             result = run.execute(pause_for_update=pause_for_update(cfg))
 
-            model.eval()
-            eval_after = run.evaluate()
-            steps = len(state.history)
-            if not state.evals or state.evals[-1]["step"] != steps:
-                state.evals.append({"step": steps, **eval_after})
-            logger.evals(state.eval_before, eval_after, steps)
-            model.save_pretrained(out / "model", safe_serialization=True)
-            tokenizer.save_pretrained(out / "model")
-            logger.report(
-                out / "report.png", state.history, state.evals, result.clock, result.engine.capacity
-            )
+            eval_after = run.finish(out, result)
         finally:
             logger.finish()
     finally:
         scorer.close()
 
-    summary = {
-        **result.summary,
-        **state.clock.plus(result.clock).summary_times(
-            result.engine.capacity,
-            result.summary["tokens_trained"],
-            result.summary["samples_trained"],
-        ),
-        "resumed_from": str(resumed["path"]) if resumed else None,
-        "model_time_s": t_model,
-        "eval_before": state.eval_before,
-        "eval_after": eval_after,
-        "evals": state.evals,
-        "engine_stats": dict(getattr(result.engine, "stats", {})),
-        "config": cfg.model_dump(mode="json"),
-        "out_dir": str(out),
-    }
-    summary["loop_time_s"] = summary["wall_time_s"]  # the run loop's time, every segment
-    summary["wall_time_s"] = run.elapsed_now()  # preparation and evaluation included
+    resumed_from = str(resumed["path"]) if resumed else None
+    summary = run.summary(result, eval_after, resumed_from=resumed_from, model_time_s=t_model)
     write_json_atomic(str(out / "summary.json"), summary)
     return summary
 
