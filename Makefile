@@ -4,14 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
+# CPU wheels of PyTorch: `pip install torch` from PyPI pulls a CUDA build on Linux. On a GPU
+# machine, install the torch build you want into .venv first (or set TORCH_INDEX).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo simulate test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first, so the train extra does not pull a CUDA build.
-	$(BIN)/pip install -q "torch==2.13.0"
+	# The CPU build of torch first (unless one is installed), so the train extra does not pull
+	# a CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/pip install -q "torch==2.13.0" --index-url $(TORCH_INDEX)
 	$(BIN)/pip install -q -e ".[train,dev]"
 	touch $(STAMP)
 

@@ -40,7 +40,7 @@ def main() -> None:
     rows = {}
     for name in args.policies.split(","):
         cfg = load_config(None, [*args.overrides, *POLICIES[name]])
-        s = train(cfg, Path(args.out) / name, progress=False)
+        s = train(cfg, Path(args.out) / name, progress=False, overwrite=True)  # a rerun replaces
         loop = s["loop_time_s"]
         rows[name] = {
             "bubble_ratio": s["bubble_ratio"],

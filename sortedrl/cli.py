@@ -223,6 +223,11 @@ def _print_sim_table(doc: dict[str, Any]) -> None:
     help="'auto' (newest complete checkpoint of --out), a run directory or a checkpoint",
 )
 @click.option("--model", "model_path", default=None, help="a Hugging Face model directory")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace the run already in --out (its checkpoints and logs are removed first)",
+)
 @click.argument("overrides", nargs=-1)
 @friendly_errors
 def train(
@@ -231,6 +236,7 @@ def train(
     no_progress: bool,
     resume: str | None,
     model_path: str | None,
+    overwrite: bool,
     overrides: tuple[str, ...],
 ) -> None:
     """RL-train a model on a task (GRPO, transformers engine); KEY=VALUE overrides settings,
@@ -243,7 +249,7 @@ def train(
     extra += [f"model.path={model_path}"] if model_path else []
     cfg = load_config(config_path, list(overrides) + extra)
     try:
-        s = run_train(cfg, out_dir, progress=not no_progress)
+        s = run_train(cfg, out_dir, progress=not no_progress, overwrite=overwrite)
     except RunInterrupted as e:
         console.print(f"[bold yellow]{e}[/]", highlight=False)
         sys.exit(128 + e.signum)
@@ -263,6 +269,7 @@ def train(
 @click.option("--prompts", type=int, default=200, show_default=True)
 @click.option("--samples", type=int, default=1, show_default=True, help="k of mean@k")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="nucleus sampling")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--capacity", type=int, default=64, show_default=True)
 @click.option(
@@ -273,36 +280,50 @@ def train(
     "--filter-equal-rewards needs) [default: no rewards, all 0]",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--json", "json_path", type=click.Path(), help="write the scores here")
 @friendly_errors
 def eval_command(**kw: Any) -> None:
-    """Score a model directory on a task's held-out problems (pass@1 and mean@k)."""
+    """Score a model directory on a task's held-out problems (pass@1 and mean@k), with the
+    training run's reward sandbox (worker processes and time limit for math)."""
     from sortedrl.commands.evaluate import evaluate
-    from sortedrl.commands.train import build_task, prepare_model
+    from sortedrl.commands.prepare import prepare_model
     from sortedrl.config import load_config
     from sortedrl.io import write_json_atomic
+    from sortedrl.tasks.registry import build_task
+    from sortedrl.tasks.scoring import make_scorer
 
-    overrides = [f"model.path={kw['model_path']}", f"task.name={kw['task_name']}"]
+    overrides = [
+        f"model.path={kw['model_path']}",
+        f"task.name={kw['task_name']}",
+        f"model.device={kw['device']}",
+    ]
     if kw["data_path"]:
         overrides.append(f"task.eval_path={kw['data_path']}")
         overrides.append(f"task.path={kw['data_path']}")
     cfg = load_config(None, overrides)
-    task = build_task(cfg)
+    task = build_task(cfg.task)
     model, tokenizer = prepare_model(cfg, task)
     problems = task.problems("test", kw["prompts"], seed=kw["seed"])
     if not problems:
         raise SortedRLError(f"task {kw['task_name']}: no held-out problems")
-    scores = evaluate(
-        model,
-        tokenizer,
-        task,
-        problems,
-        samples=kw["samples"],
-        temperature=kw["temperature"],
-        capacity=kw["capacity"],
-        max_new_tokens=kw["max_new_tokens"],
-        seed=kw["seed"],
-    )
+    scorer = make_scorer(cfg.task, task)
+    try:
+        scores = evaluate(
+            model,
+            tokenizer,
+            scorer,
+            problems,
+            samples=kw["samples"],
+            temperature=kw["temperature"],
+            top_p=kw["top_p"],
+            capacity=kw["capacity"],
+            max_new_tokens=kw["max_new_tokens"],
+            seed=kw["seed"],
+            device=kw["device"],
+        )
+    finally:
+        scorer.close()
     out.print(
         f"{kw['task_name']}: pass@1 {scores['pass@1']:.3f} (mean@{kw['samples']} at temperature "
         f"{kw['temperature']}), mean reward {scores['reward_mean']:.3f} over "

@@ -7,11 +7,13 @@ error that names it (`scheduler.update_batch: ...`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sortedrl.engines.factory import check_engine_name
 from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.training.config import TrainerConfig
@@ -83,6 +85,19 @@ class EvalSection(BaseModel):
     )
 
 
+class LoggingSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    wandb: bool = Field(
+        False,
+        description="also log to Weights & Biases (pip install wandb); offline when the "
+        "environment sets WANDB_MODE=offline",
+    )
+    wandb_project: str = Field("sortedrl", description="Weights & Biases project")
+    wandb_run_name: str | None = Field(
+        None, description="Weights & Biases run name; empty: the output folder's name"
+    )
+
+
 class CheckpointSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     every_updates: int = Field(
@@ -93,7 +108,9 @@ class CheckpointSection(BaseModel):
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    seed: int = 0
+    seed: int = Field(
+        0, description="the run's seed: data, model init, sampling, the trainer's mini-batches"
+    )
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
     rollout: RolloutSection = RolloutSection()
@@ -104,6 +121,7 @@ class TrainConfig(BaseModel):
     trainer: TrainerConfig = TrainerConfig(lr=1e-4, warmup_steps=2, max_grad_norm=1.0)
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
     resume: str | None = Field(
         None,
         description="'auto': go on from the newest complete checkpoint of the run directory "
@@ -113,13 +131,32 @@ class TrainConfig(BaseModel):
     max_skipped_updates: int = Field(
         3, ge=1, description="stop after this many non-finite (skipped) updates in a row"
     )
-    max_engine_restarts: int = Field(
-        3, ge=0, description="restarts of a failing rollout engine in a row before giving up"
+    max_engine_failures: int = Field(
+        3,
+        ge=1,
+        description="stop (with a checkpoint) when the rollout engine fails this many times in "
+        "a row; it is restarted after each earlier failure",
     )
 
     def scheduler_config(self) -> SchedulerConfig:
         """The scheduler's settings, validated with the rest of the config."""
         return self.scheduler
+
+
+def _wants_text(parts: list[str]) -> bool:
+    """Whether the field at `parts` holds free text (a path, a name): such a value is taken as
+    written, so `model.path=2024` or `resume=on` stay strings."""
+    model: Any = TrainConfig
+    for i, p in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if not fields or p not in fields:
+            return False
+        ann = fields[p].annotation
+        if i == len(parts) - 1:
+            args = set(get_args(ann)) if get_origin(ann) in (Union, UnionType) else {ann}
+            return str in args and not args & {bool, int, float}
+        model = ann
+    return False
 
 
 def _parse_value(text: str) -> Any:
@@ -146,7 +183,10 @@ def apply_override(doc: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{p}' is not a section")
         node = child
-    node[parts[-1]] = _parse_value(value)
+    if _wants_text(parts):
+        node[parts[-1]] = None if value.strip() in ("", "null", "~") else value
+    else:
+        node[parts[-1]] = _parse_value(value)
 
 
 def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
@@ -180,4 +220,8 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
         cfg = TrainConfig.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+    try:
+        check_engine_name(cfg.rollout.engine)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return cfg

@@ -114,3 +114,78 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # no partial directory
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
     assert load_checkpoint(previous)["step"] == 1
+
+
+def test_a_new_checkpoint_is_never_pruned_by_older_higher_names(tmp_path):
+    # Left from a run that got further (steps 720..750): the new step 20 must survive its own
+    # pruning, and the abandoned later steps must not shadow it for --resume auto.
+    for step in (720, 730, 740, 750):
+        _save(tmp_path, step, keep=3)
+    new = _save(tmp_path, 20, keep=3)
+    assert new.is_dir()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000020"]
+    found, _ = latest_checkpoint(tmp_path)
+    assert found is not None and found["step"] == 20
+
+
+def test_pruning_keeps_the_newest_by_step_number(tmp_path):
+    for step in (8, 9, 10, 11):
+        _save(tmp_path, step, keep=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000010", "step-00000011"]
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from sortedrl.commands.checkpoint import CheckpointError, save_checkpoint
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+root, limit = Path(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+model = torch.nn.Linear(256, 256)  # about 260 kB of safetensors
+state = {"optimizer": torch.zeros(300_000)}  # about 1.2 MB with torch.save
+
+def save(step):
+    return save_checkpoint(root, step, model=model, trainer_state=state,
+                           controller_state={}, run_state={}, keep=3)
+
+save(1)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    save(2)
+except CheckpointError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(
+    "limit, writer", [(100_000, "safetensors"), (600_000, "torch.save")], ids=lambda x: str(x)
+)
+def test_a_real_full_disk_is_caught_from_either_writer(tmp_path, limit, writer):
+    """The real writers fail (a file-size limit, as a full disk would): safetensors' and
+    torch's own error types are caught, nothing partial is left, the message names both."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "ck"
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(root), str(limit)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 3, (writer, res.stdout, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr
+    assert "could not write checkpoint" in res.stdout and "step-00000002" in res.stdout
+    assert "step-00000001 is intact" in res.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no temporary dir
+    assert load_checkpoint(root / "step-00000001")["step"] == 1
+    size = (root / "step-00000001" / "model.safetensors").stat().st_size
+    assert (limit < size) == (writer == "safetensors")  # the intended writer failed

@@ -132,3 +132,41 @@ def test_sigterm_checkpoints_and_resume_finishes_exactly_once(tmp_path):
     assert s["prompts_admitted"] == s["prompts_trained"] == 24
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
     assert _lines(out / "metrics.jsonl") == 12 > stopped_at
+
+
+def test_default_checkpoint_interval_resume_replays_the_lost_updates(tmp_path):
+    """`checkpoint.every_updates` at its default (20): a kill after update 22 loses updates 21
+    and 22; the resumed run replays them from step 20 and ends as the uninterrupted run."""
+    args = [a for a in ARGS if not a.startswith(("checkpoint.", "task.train_prompts"))]
+    args += ["task.train_prompts=44", "scheduler.max_new_tokens=12", "task.eval_prompts=4"]
+    env = {**os.environ, "SORTEDRL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+    def cmd(out: Path, resume: bool) -> list[str]:
+        base = [sys.executable, "-m", "sortedrl.cli", "train", "--out", str(out), "--no-progress"]
+        return base + (["--resume", "auto"] if resume else []) + args
+
+    ref = tmp_path / "ref"
+    subprocess.run(cmd(ref, False), env=env, check=True, capture_output=True, timeout=900)
+    assert _lines(ref / "metrics.jsonl") == 22
+
+    out = tmp_path / "killed"
+    # The final checkpoint is slowed down; the kill lands inside it, after all 22 updates.
+    slow = {**env, "SORTEDRL_TEST_CHECKPOINT_PAUSE_S": "3"}
+    proc = subprocess.Popen(cmd(out, False), env=slow, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while _lines(out / "metrics.jsonl") < 22 and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000020"]
+
+    subprocess.run(cmd(out, True), env=env, check=True, capture_output=True, timeout=900)
+    assert _metrics(out / "metrics.jsonl") == _metrics(ref / "metrics.jsonl")
+    trace = [json.loads(x)["prompt_id"] for x in (out / "trace.jsonl").read_text().splitlines()]
+    assert len(trace) == len(set(trace)) == 44  # the replayed groups are not counted twice
+    s = json.loads((out / "summary.json").read_text())
+    r = json.loads((ref / "summary.json").read_text())
+    assert s["resumed_from"].endswith("step-00000020")
+    for key in ("tokens_generated", "tokens_trained", "tokens_wasted", "eval_after"):
+        assert s[key] == r[key], key

@@ -122,12 +122,12 @@ def test_train_cli_bad_override_is_one_line(tmp_path):
 
 
 def test_missing_model_path_is_a_config_error(tmp_path):
-    from sortedrl.commands.train import prepare_model
+    from sortedrl.commands.prepare import prepare_model
     from sortedrl.errors import ConfigError
 
     cfg = load_config(None, [f"model.path={tmp_path}"])
     with pytest.raises(ConfigError, match="config.json"):
-        prepare_model(cfg)
+        prepare_model(cfg, None)
 
 
 def test_train_model_flag_names_a_missing_directory(tmp_path):

@@ -57,7 +57,7 @@ def test_an_engine_that_keeps_crashing_stops_with_a_checkpoint(tmp_path, monkeyp
     from sortedrl.engines.transformers_engine import TransformersEngine
     from sortedrl.errors import SortedRLError
 
-    real_step, real_eval = TransformersEngine.step, train_module._eval
+    real_step, real_eval = TransformersEngine.step, train_module.evaluate_run
     state = {"evaluated": False, "steps": 0}
 
     def eval_then_break(*args, **kwargs):
@@ -71,10 +71,13 @@ def test_an_engine_that_keeps_crashing_stops_with_a_checkpoint(tmp_path, monkeyp
             raise RuntimeError("device lost")
         return real_step(self)
 
-    monkeypatch.setattr(train_module, "_eval", eval_then_break)
+    monkeypatch.setattr(train_module, "evaluate_run", eval_then_break)
     monkeypatch.setattr(TransformersEngine, "step", dead)
-    with pytest.raises(SortedRLError, match="failed 2 time.*checkpoint written to .*resume"):
-        train(load_config(None, [*TINY, "max_engine_restarts=1"]), tmp_path / "run", progress=False)
+    # max_engine_failures=3: restarted after the 1st and 2nd failure, stopped at the 3rd.
+    with pytest.raises(
+        SortedRLError, match=r"failed 3 time\(s\) in a row.*checkpoint written to .*resume"
+    ):
+        train(load_config(None, [*TINY, "max_engine_failures=3"]), tmp_path / "run", progress=False)
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
@@ -104,21 +107,21 @@ def test_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tmp_path, 
 
 
 def test_untrusted_rewards_are_sandboxed_by_default(tmp_path):
-    from sortedrl.commands.train import _make_score_fn, build_task
-    from sortedrl.tasks.rewards import RewardRunner
+    from sortedrl.tasks.registry import build_task
+    from sortedrl.tasks.scoring import make_scorer
 
     data = tmp_path / "m.jsonl"
     data.write_text('{"problem": "1+1?", "answer": "2"}\n')
     cfg = load_config(None, ["task.name=math", f"task.path={data}"])
-    scorer, close = _make_score_fn(cfg, build_task(cfg))
+    scorer = make_scorer(cfg.task, build_task(cfg.task))
     try:
-        assert isinstance(scorer, RewardRunner) and scorer.n_workers == 2
+        assert scorer.n_workers == 2
     finally:
-        close()
-    cfg = load_config(None, [])  # the built-in reverse verifier: in-process
-    scorer, close = _make_score_fn(cfg, build_task(cfg))
-    assert not isinstance(scorer, RewardRunner)
-    close()
+        scorer.close()
+    cfg = load_config(None, [])  # the built-in reverse verifier: in-process, size limit only
+    scorer = make_scorer(cfg.task, build_task(cfg.task))
+    assert scorer.n_workers == 0
+    scorer.close()
 
 
 def test_resume_with_other_settings_is_refused_by_name(tmp_path):
@@ -132,3 +135,58 @@ def test_resume_with_other_settings_is_refused_by_name(tmp_path):
     # The same settings (a longer budget is not a setting of the run) go on.
     s = train(load_config(None, [*TINY, "resume=auto"]), out, progress=False)
     assert s["prompts_trained"] == 16 and s["resumed_from"]
+
+
+def test_async_engine_restart_never_copies_weights_the_trainer_is_changing(tmp_path, monkeypatch):
+    """Under `async` the trainer changes the model in its own thread. An engine that fails in
+    the middle of an update is restarted with the weights of the last finished update, not a
+    copy of the half-updated model."""
+    import threading
+
+    import torch
+
+    from sortedrl.commands.run import Run
+    from sortedrl.commands.train import train
+    from sortedrl.engines.transformers_engine import TransformersEngine
+    from sortedrl.training.trainer import GRPOTrainer
+
+    real_update, real_step, real_restart = (
+        GRPOTrainer.update,
+        TransformersEngine.step,
+        Run.restart_engine,
+    )
+    in_update, restarted = threading.Event(), threading.Event()
+    seen: list[float] = []
+
+    def update_with_a_slow_middle(self, batch):
+        if not restarted.is_set():
+            with torch.no_grad():  # the middle of a step: weights far from any version
+                for p in self.model.parameters():
+                    p.add_(1000.0)
+            in_update.set()
+            restarted.wait(timeout=60)
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.sub_(1000.0)
+            in_update.clear()
+        return real_update(self, batch)
+
+    def step_failing_mid_update(self):
+        if in_update.is_set() and not restarted.is_set():
+            raise RuntimeError("worker lost")
+        return real_step(self)
+
+    def restart_and_look(self):
+        engine = real_restart(self)
+        seen.append(max(float(p.detach().abs().max()) for p in engine.model.parameters()))
+        restarted.set()
+        return engine
+
+    monkeypatch.setattr(GRPOTrainer, "update", update_with_a_slow_middle)
+    monkeypatch.setattr(TransformersEngine, "step", step_failing_mid_update)
+    monkeypatch.setattr(Run, "restart_engine", restart_and_look)
+    s = train(
+        load_config(None, [*TINY, "scheduler.policy=async"]), tmp_path / "run", progress=False
+    )
+    assert len(seen) == 1 and seen[0] < 100.0, seen  # no +1000 of the half-done step
+    assert s["engine_restarts"] == 1 and s["prompts_trained"] == 16

@@ -68,54 +68,90 @@ def save_checkpoint(
     run_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` under `root` and keep the newest `keep`. On any error (a full
-    disk, say) nothing partial is left behind and the previous checkpoints are untouched."""
-    import torch
-    from safetensors.torch import save_model
+    """Write checkpoint `step` under `root`, then prune: of the checkpoints of steps up to
+    `step`, the newest `keep` by step number stay (this one always among them); any of a later
+    step is from a timeline this run has left (it resumed from an earlier one) and goes.
 
+    On any error (a full disk, say: safetensors and torch raise their own error types) the
+    temporary directory is removed, the previous checkpoints are untouched, and a
+    `CheckpointError` names both this checkpoint and the previous one."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        # Fault-injection tests widen the window in which a kill lands mid-write.
-        pause = float(os.environ.get("SORTEDRL_TEST_CHECKPOINT_PAUSE_S", "0") or 0)
-        if pause > 0:
-            time.sleep(pause)
-        torch.save(trainer_state, tmp / "trainer.pt")
-        _write_json(tmp / "controller.json", controller_state)
-        _write_json(tmp / "run.json", run_state)
-        for name in FILES:
-            _fsync(tmp / name)
-        manifest = {
-            "step": step,
-            "files": {
-                n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES
-            },
-        }
-        _write_json(tmp / MANIFEST, manifest)
+        _write_files(tmp, step, model, trainer_state, controller_state, run_state)
         if final.exists():  # a rerun of the same step (after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = complete_checkpoints(root)
-        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {e}{kept}") from e
-    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        previous = [p for p in complete_checkpoints(root) if p != final]
+        kept = (
+            f"; the previous checkpoint {previous[-1]} is intact"
+            if previous
+            else "; there is no earlier checkpoint"
+        )
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {type(e).__name__}: {e}{kept}"
+        ) from e
+    except BaseException:  # interrupted: leave no partial directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    done = complete_checkpoints(root)
+    later = [p for p in done if checkpoint_step(p) > step]
+    earlier = [p for p in done if checkpoint_step(p) < step]
+    for old in later + earlier[: max(0, len(earlier) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _write_files(
+    tmp: Path,
+    step: int,
+    model: Any,
+    trainer_state: dict[str, Any],
+    controller_state: dict[str, Any],
+    run_state: dict[str, Any],
+) -> None:
+    import torch
+    from safetensors.torch import save_model
+
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    # Fault-injection tests widen the window in which a kill lands mid-write.
+    pause = float(os.environ.get("SORTEDRL_TEST_CHECKPOINT_PAUSE_S", "0") or 0)
+    if pause > 0:
+        time.sleep(pause)
+    torch.save(trainer_state, tmp / "trainer.pt")
+    _write_json(tmp / "controller.json", controller_state)
+    _write_json(tmp / "run.json", run_state)
+    for name in FILES:
+        _fsync(tmp / name)
+    manifest = {
+        "step": step,
+        "files": {
+            n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES
+        },
+    }
+    _write_json(tmp / MANIFEST, manifest)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step number in a checkpoint directory's name (`step-00000040` -> 40)."""
+    try:
+        return int(path.name[len(PREFIX) :])
+    except ValueError:
+        return -1
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories with a manifest, oldest first (not yet verified)."""
+    """Checkpoint directories with a manifest, by step number, oldest first (not verified)."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=lambda p: (checkpoint_step(p), p.name))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Evaluation of a model on task problems with the transformers engine (greedy at temperature 0)."""
+"""Evaluation of a model on task problems with the transformers engine (greedy at temperature 0).
+
+Responses are scored through the run's `Scorer` (`sortedrl.tasks.scoring.make_scorer`): the same
+sandbox, limits and reward function as training.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 
 from sortedrl.scheduling.protocol import Request
 from sortedrl.tasks.base import Problem
+from sortedrl.tasks.scoring import Scorer
 from sortedrl.training.sft import encode_example
 
 
@@ -31,16 +36,18 @@ def decode(tokenizer: Any, token_ids: Sequence[int] | None) -> str:
 def evaluate(
     model: Any,
     tokenizer: Any,
-    task: Any,
+    scorer: Scorer,
     problems: Sequence[Problem],
+    *,
     samples: int = 1,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     capacity: int = 64,
     max_new_tokens: int = 128,
     seed: int = 0,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """Generate `samples` responses per problem and score them with `task.score`.
+    """Generate `samples` responses per problem and score them with `scorer`.
 
     Returns pass@1 (= accuracy: the mean share of correct responses, mean@k over samples),
     reward_mean, format_ok and response_len_mean (tokens). The model is left in the training
@@ -54,7 +61,7 @@ def evaluate(
         tokenizer,
         capacity=capacity,
         temperature=temperature,  # <= 0: greedy
-        top_p=1.0,
+        top_p=top_p,
         seed=seed,
         device=device,
     )
@@ -83,9 +90,9 @@ def evaluate(
     try:
         engine.submit(requests)
         while engine.num_unfinished():
-            for g in engine.step().finished:
-                problem, _ = by_id[g.request_id]
-                s = task.score(problem, decode(tokenizer, g.token_ids))
+            finished = engine.step().finished
+            items = [(by_id[g.request_id][0], decode(tokenizer, g.token_ids)) for g in finished]
+            for g, s in zip(finished, scorer.score_batch(items) if items else [], strict=True):
                 rewards.append(float(s.reward))
                 correct.append(1.0 if s.correct else 0.0)
                 fmt.append(1.0 if s.format_ok else 0.0)
@@ -104,3 +111,32 @@ def evaluate(
         "problems": len(problems),
         "samples": samples,
     }
+
+
+def evaluate_run(
+    cfg: Any, model: Any, tokenizer: Any, scorer: Scorer, problems: Sequence[Problem]
+) -> dict[str, Any]:
+    """A training run's evaluation: `eval.samples` at `eval.temperature` (greedy by default),
+    plus `eval.sampled` samples at the rollout's temperature and top_p (`sampled_accuracy`)."""
+
+    def score(samples: int, temperature: float, top_p: float) -> dict[str, Any]:
+        return evaluate(
+            model,
+            tokenizer,
+            scorer,
+            problems,
+            samples=samples,
+            temperature=temperature,
+            top_p=top_p,
+            capacity=cfg.rollout.capacity,
+            max_new_tokens=cfg.scheduler_config().max_new_tokens,
+            seed=cfg.seed,
+            device=cfg.model.device,
+        )
+
+    result: dict[str, Any] = score(cfg.eval.samples, cfg.eval.temperature, 1.0)
+    if cfg.eval.sampled:
+        sampled = score(cfg.eval.sampled, cfg.rollout.temperature, cfg.rollout.top_p)
+        result["sampled_accuracy"] = sampled["accuracy"]
+        result["sampled_reward_mean"] = sampled["reward_mean"]
+    return result

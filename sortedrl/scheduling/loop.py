@@ -93,6 +93,7 @@ def run(
     restart_engine: Callable[[], Engine] | None = None,
     max_engine_restarts: int = 3,
     pause_for_update: bool = True,
+    clock: Clock | None = None,
 ) -> RunResult:
     """Run until the controller has trained or dropped every prompt, `max_updates` updates
     are done, or `should_stop()` says so (checked before every engine step).
@@ -105,8 +106,10 @@ def run(
     and re-prefill the partial responses afterwards. With `pause_for_update=False` (memory to
     spare, e.g. on a CPU) the engine only stops stepping: its responses keep their KV cache and
     go on under the new weights, and those past the staleness limit are aborted.
+
+    `clock`: the run's clock, when the caller reads it during the run (checkpoints).
     """
-    clock = Clock(engine.capacity)
+    clock = clock if clock is not None else Clock(engine.capacity)
     loop = _Loop(controller, engine, trainer, clock, scorer, on_update)
     loop.should_stop = should_stop or (lambda: False)
     loop.restart_engine, loop.max_restarts = restart_engine, max_engine_restarts

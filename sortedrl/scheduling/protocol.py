@@ -8,6 +8,9 @@ virtual time for the simulated one); the run loop adds these up, it never reads 
 
 Policy versions are carried per token as run-length spans `[(version, n_tokens), ...]` so a
 simulated million-response run does not store a list per token.
+
+Optional engine methods, used when present (checkpoints): `rng_state()` returns the sampling
+RNG's state and `set_rng_state(state)` restores it, so a resumed run samples the same tokens.
 """
 
 from __future__ import annotations

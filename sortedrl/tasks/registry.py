@@ -42,3 +42,12 @@ def get_task(name: str, **kwargs: Any) -> Any:
     if name == "math" and not kwargs.get("path"):
         raise ConfigError("task 'math' needs a path: a .jsonl, .json or .parquet file of problems")
     return cls(**kwargs)
+
+
+def build_task(task_cfg: Any) -> Any:
+    """The task a config's `task` section names (`cfg.task`), with its data files."""
+    if task_cfg.name == "math":
+        return get_task("math", path=task_cfg.path, test_path=task_cfg.eval_path)
+    if task_cfg.path or task_cfg.eval_path:
+        raise ConfigError(f"task.path: only the math task reads a file, not {task_cfg.name!r}")
+    return get_task(task_cfg.name)

@@ -1,21 +1,32 @@
-"""The trainer: GRPO loss (decoupled for stale tokens), length-sorted packing, SFT warm start."""
+"""The trainer: GRPO loss (decoupled for stale tokens), length-sorted packing, SFT warm start.
 
-from sortedrl.training.config import TrainerConfig
-from sortedrl.training.loss import aggregate, group_advantages, kl_k3, policy_loss
-from sortedrl.training.packing import plan_micro_batches
-from sortedrl.training.sft import encode_example, supervised_warm_start
-from sortedrl.training.trainer import GRPOTrainer, build_rows, lr_factor
+Names are imported on first use, so that reading settings (`sortedrl.training.config`) does not
+import torch.
+"""
 
-__all__ = [
-    "GRPOTrainer",
-    "TrainerConfig",
-    "aggregate",
-    "build_rows",
-    "encode_example",
-    "group_advantages",
-    "kl_k3",
-    "lr_factor",
-    "plan_micro_batches",
-    "policy_loss",
-    "supervised_warm_start",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "GRPOTrainer": "trainer",
+    "build_rows": "trainer",
+    "lr_factor": "trainer",
+    "TrainerConfig": "config",
+    "aggregate": "loss",
+    "group_advantages": "loss",
+    "kl_k3": "loss",
+    "policy_loss": "loss",
+    "plan_micro_batches": "packing",
+    "encode_example": "sft",
+    "supervised_warm_start": "sft",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

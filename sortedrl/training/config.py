@@ -74,9 +74,6 @@ class TrainerConfig(BaseModel):
         description="responses cut at the length cap: keep (train with their reward), mask "
         "(no loss; DAPO overlong filtering), zero_advantage (advantage 0, tokens still counted)",
     )
-    temperature: float = Field(
-        1.0, gt=0, description="sampling temperature of the engine; logits are divided by it"
-    )
 
     # --- execution ---
     max_tokens_per_micro_batch: int = Field(
@@ -87,7 +84,6 @@ class TrainerConfig(BaseModel):
     )
     compute_entropy: bool = Field(True, description="report the policy's mean token entropy")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
-    seed: int = Field(0, description="seed of the mini-batch split")
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:

@@ -230,29 +230,44 @@ def policy_loss(
         kl_value = kl.detach()
         kl_sum = torch.where(mask > 0, kl_tok.detach() * mask, zero).sum()
 
-    with torch.no_grad():
-        n = mask.sum()
-        approx_kl = kl_k3(logp.detach(), logp_prox)  # current vs proximal
-        neg_inf = torch.full_like(logp, float("-inf"))
-
-        def msum(x: Tensor) -> Tensor:
-            return torch.where(mask > 0, x * mask, torch.zeros_like(x)).sum()
-
-        sums = {
-            "clip": msum(clipped),
-            "ratio": msum(ratio.detach()),
-            "is_weight": msum(w),
-            "is_truncated": msum(truncated),
-            "approx_kl": msum(approx_kl),
-            "kl": kl_sum,
-        }
-        maxes = {
-            "is_weight": torch.where(mask > 0, w, neg_inf).max(),
-            "ratio": torch.where(mask > 0, ratio.detach(), neg_inf).max(),
-        }
+    n, sums, maxes = _token_stats(logp, logp_prox, mask, clipped, ratio, w, truncated, kl_sum)
     return LossOutput(
         loss=loss, pg_loss=pg.detach(), kl_loss=kl_value, n_tokens=n, sums=sums, maxes=maxes
     )
+
+
+@torch.no_grad()
+def _token_stats(
+    logp: Tensor,
+    logp_prox: Tensor,
+    mask: Tensor,
+    clipped: Tensor,
+    ratio: Tensor,
+    w: Tensor,
+    truncated: Tensor,
+    kl_sum: Tensor,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """(tokens, masked sums, masked maxima) of `policy_loss`'s per-token quantities."""
+    n = mask.sum()
+    approx_kl = kl_k3(logp.detach(), logp_prox)  # current vs proximal
+    neg_inf = torch.full_like(logp, float("-inf"))
+
+    def msum(x: Tensor) -> Tensor:
+        return torch.where(mask > 0, x * mask, torch.zeros_like(x)).sum()
+
+    sums = {
+        "clip": msum(clipped),
+        "ratio": msum(ratio.detach()),
+        "is_weight": msum(w),
+        "is_truncated": msum(truncated),
+        "approx_kl": msum(approx_kl),
+        "kl": kl_sum,
+    }
+    maxes = {
+        "is_weight": torch.where(mask > 0, w, neg_inf).max(),
+        "ratio": torch.where(mask > 0, ratio.detach(), neg_inf).max(),
+    }
+    return n, sums, maxes
 
 
 def summarize(outputs: list[LossOutput]) -> dict[str, float]:

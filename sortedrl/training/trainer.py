@@ -181,6 +181,8 @@ class GRPOTrainer:
 
     `model` is trained in place (fp32 master weights; autocast per `config.dtype`). With
     `kl_coef > 0` a frozen reference is kept: `ref_model`, or a copy of `model` as it is now.
+    `temperature` is the engine's sampling temperature: log-probs are recomputed at it, so a
+    fresh token's importance weight is 1. `seed` seeds the mini-batch split (the run's seed).
     """
 
     virtual_time = False
@@ -191,12 +193,18 @@ class GRPOTrainer:
         config: TrainerConfig | dict[str, Any] | None = None,
         ref_model: nn.Module | None = None,
         device: str | torch.device = "cpu",
+        *,
+        temperature: float = 1.0,
+        seed: int = 0,
     ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if config is None:
             config = TrainerConfig()
         elif isinstance(config, dict):
             config = TrainerConfig.from_dict(config)
         self.config = config
+        self.temperature = float(temperature)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -226,7 +234,7 @@ class GRPOTrainer:
             self.optimizer,
             lambda s: lr_factor(s, config.warmup_steps, config.total_steps, config.min_lr_ratio),
         )
-        self._gen = torch.Generator().manual_seed(config.seed)
+        self._gen = torch.Generator().manual_seed(seed)
         self.step = 0  # optimizer steps taken
         self.updates = 0  # update() calls that changed the policy
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
@@ -377,7 +385,7 @@ class GRPOTrainer:
         plan = plan_micro_batches([r.length for r in rows], self.config.max_tokens_per_micro_batch)
         for idx in plan:
             mb = collate(rows, idx, self.pad_id, self.device)
-            logp = token_logprobs(self._logits(model, mb), mb.targets, self.config.temperature)
+            logp = token_logprobs(self._logits(model, mb), mb.targets, self.temperature)
             for i, v in zip(idx, mb.scatter(logp), strict=True):
                 setattr(rows[i], attr, v)
 
@@ -398,9 +406,9 @@ class GRPOTrainer:
             padded += mb.padded_tokens
             real += sum(rows[i].length for i in idx)
             logits = self._logits(self.model, mb)
-            logp = token_logprobs(logits, mb.targets, cfg.temperature)
+            logp = token_logprobs(logits, mb.targets, self.temperature)
             if want_entropy and cfg.compute_entropy:
-                ent = token_entropy(logits, cfg.temperature)
+                ent = token_entropy(logits, self.temperature)
                 ent_sum = ent_sum + torch.where(mb.mask > 0, ent, torch.zeros_like(ent)).sum()
                 ent_n += float(mb.mask.sum())
             prox = mb.logp_prox if mb.logp_prox is not None else logp.detach()

@@ -1,0 +1,157 @@
+"""What a run needs before it starts: the model (with the warm-start cache) and the prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sortedrl.config import TrainConfig
+from sortedrl.errors import ConfigError
+from sortedrl.scheduling.state import PromptSpec
+from sortedrl.tasks.base import Problem
+
+_CACHE_FORMAT = 1  # bump when the warm start changes meaning
+
+
+def cache_root() -> Path:
+    env = os.environ.get("SORTEDRL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "sortedrl"
+
+
+def _warm_start_problems(cfg: TrainConfig, task: Any) -> list[Problem]:
+    # Train-split problems, drawn with their own seed so the warm start covers more of the
+    # distribution than the RL prompts alone.
+    return task.problems("train", cfg.model.warm_start_examples, seed=cfg.seed + 7919)
+
+
+def tiny_cache_key(cfg: TrainConfig, task: Any) -> str:
+    doc = {
+        "format": _CACHE_FORMAT,
+        "task": repr(task),
+        "alphabet": task.alphabet,
+        "size": cfg.model.tiny_size,
+        "steps": cfg.model.warm_start_steps,
+        "batch": cfg.model.warm_start_batch,
+        "lr": cfg.model.warm_start_lr,
+        "seed": cfg.seed,
+        "n": cfg.model.warm_start_examples,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_model(cfg: TrainConfig, task: Any) -> tuple[Any, Any]:
+    """(model, tokenizer): from `cfg.model.path`, or the embedded tiny model, warm-started on
+    reference solutions of the task and cached under $SORTEDRL_CACHE (~/.cache/sortedrl)."""
+    if cfg.model.path:
+        return _load_hf_model(Path(cfg.model.path))
+    from sortedrl.models.tiny import MODEL_SIZES, build_char_tokenizer, build_tiny_model, load_tiny
+
+    alphabet = getattr(task, "alphabet", None)
+    if not alphabet:
+        raise ConfigError(
+            f"model.path: task {cfg.task.name!r} has no fixed alphabet for the embedded tiny "
+            "model; give a Hugging Face model directory"
+        )
+    if cfg.model.tiny_size not in MODEL_SIZES:
+        raise ConfigError(
+            f"model.tiny_size: unknown size {cfg.model.tiny_size!r}; "
+            f"choose one of {', '.join(sorted(MODEL_SIZES))}"
+        )
+    target = cache_root() / f"tiny-{tiny_cache_key(cfg, task)}"
+    if (target / "config.json").is_file():
+        try:
+            return load_tiny(target)
+        except Exception:  # a damaged cache entry: rebuild it
+            shutil.rmtree(target, ignore_errors=True)
+
+    tokenizer = build_char_tokenizer(alphabet)
+    model = build_tiny_model(len(tokenizer), cfg.seed, cfg.model.tiny_size)
+    if cfg.model.warm_start_steps > 0:
+        from sortedrl.training.sft import supervised_warm_start
+
+        examples = [(p.prompt, task.reference_solution(p)) for p in _warm_start_problems(cfg, task)]
+        supervised_warm_start(
+            model,
+            tokenizer,
+            examples,
+            steps=cfg.model.warm_start_steps,
+            batch_size=cfg.model.warm_start_batch,
+            lr=cfg.model.warm_start_lr,
+            seed=cfg.seed,
+            device=cfg.model.device,
+        )
+    model.to("cpu").eval()
+    _store_in_cache(model, tokenizer, target)
+    return model, tokenizer
+
+
+def _load_hf_model(p: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not p.is_dir():
+        raise ConfigError(f"model.path: {p} is not a directory")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model.path: {p} is not a model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path: cannot load {p}: {e}") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _store_in_cache(model: Any, tokenizer: Any, target: Path) -> None:
+    from sortedrl.models.tiny import save_tiny
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tiny-"))
+        try:
+            save_tiny(model, tokenizer, tmp)
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    except OSError:
+        pass  # an unwritable cache is not fatal
+
+
+@dataclass
+class Prompts:
+    """The run's data: RL prompts (as problems and as the controller's specs) and eval problems."""
+
+    train: list[Problem]
+    eval: list[Problem]
+    by_id: dict[str, Problem]
+    specs: list[PromptSpec]
+
+
+def problems_of(cfg: TrainConfig, task: Any) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) problems of the task, deterministic in the seed."""
+    train = task.problems("train", cfg.task.train_prompts, seed=cfg.seed)
+    held_out = task.problems("test", cfg.task.eval_prompts, seed=cfg.seed)
+    if not train:
+        raise ConfigError("task: no training problems")
+    return train, held_out
+
+
+def prepare_prompts(train: list[Problem], held_out: list[Problem], tokenizer: Any) -> Prompts:
+    """Tokenize the RL prompts (through the chat template when there is one)."""
+    from sortedrl.commands.evaluate import prompt_token_ids
+
+    by_id: dict[str, Problem] = {}
+    specs = []
+    for p in train:
+        if p.prompt_id in by_id:
+            raise ConfigError(f"task: duplicate prompt id {p.prompt_id!r}")
+        by_id[p.prompt_id] = p
+        ids = prompt_token_ids(tokenizer, p.prompt)
+        specs.append(PromptSpec(p.prompt_id, len(ids), ids))
+    return Prompts(train, held_out, by_id, specs)

@@ -1,0 +1,308 @@
+"""A training run in progress: the loop's scorer and update hook, checkpoints and engine
+restarts are the methods of one object, `Run`, which owns the run's mutable state."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from sortedrl.commands.checkpoint import complete_checkpoints, save_checkpoint
+from sortedrl.commands.evaluate import decode, evaluate_run
+from sortedrl.commands.logger import RunLogger
+from sortedrl.commands.prepare import Prompts
+from sortedrl.commands.runstate import RunState
+from sortedrl.config import TrainConfig
+from sortedrl.engines.factory import build_engine
+from sortedrl.errors import SortedRLError
+from sortedrl.scheduling.controller import Controller, controller_state
+from sortedrl.scheduling.loop import EngineFailedError, RunResult, run
+from sortedrl.scheduling.metrics import Clock
+from sortedrl.scheduling.protocol import Engine
+from sortedrl.tasks.base import Score
+from sortedrl.tasks.scoring import Scorer
+
+
+class NumericalError(SortedRLError):
+    """Too many non-finite updates in a row."""
+
+
+class RunInterrupted(SortedRLError):
+    """SIGTERM or SIGINT: the run was checkpointed and can go on with --resume."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class Run:
+    """One run of the loop over `controller`, `trainer` and a rollout engine it builds."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out: Path,
+        *,
+        model: Any,
+        tokenizer: Any,
+        prompts: Prompts,
+        scorer: Scorer,
+        trainer: Any,
+        controller: Controller,
+        state: RunState,
+        logger: RunLogger,
+        t_start: float,
+    ) -> None:
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.prompts, self.scorer, self.trainer = prompts, scorer, trainer
+        self.controller, self.state, self.logger = controller, state, logger
+        self.ckpt_root = out / "checkpoints"
+        self.t_start = t_start
+        self.elapsed_before = state.elapsed_s
+        self.scores = {(pid, idx): Score(r, c, f) for pid, idx, r, c, f in state.scores}
+        self.skipped_in_a_row = 0
+        self.stop_signum: int | None = None
+        # Async: the trainer changes `model` in its own thread, so a restarted engine takes
+        # the weights of the last update, copied when the trainer was idle.
+        self.safe_weights: tuple[int, dict[str, Any]] | None = None
+        if not controller.colocated:
+            self._snapshot_weights()
+        self.engine: Engine = build_engine(cfg, model, tokenizer, controller.version)
+        self.clock = Clock(self.engine.capacity)
+
+    # --- the loop's callbacks -----------------------------------------------------------------
+
+    def score(self, generations: list[Any], keys: list[Any]) -> tuple[list[float], float]:
+        """Rewards of finished responses (sandboxed), kept until their group is trained."""
+        t0 = time.perf_counter()
+        items = [
+            (self.prompts.by_id[pid], decode(self.tokenizer, g.token_ids))
+            for g, (pid, _) in zip(generations, keys, strict=True)
+        ]
+        results = self.scorer.score_batch(items)
+        for key, s in zip(keys, results, strict=True):
+            self.scores[tuple(key)] = s
+        return [float(s.reward) for s in results], time.perf_counter() - t0
+
+    def on_update(self, record: Any, batch: Any, result: Any) -> None:
+        """Log the update, evaluate and checkpoint when due, stop on non-finite updates."""
+        line = self._metrics_line(record, batch)
+        if self.cfg.eval.every_updates and record.step % self.cfg.eval.every_updates == 0:
+            ev = self.evaluate()
+            self.state.evals.append({"step": record.step, **ev})
+            line["eval_accuracy"] = ev["accuracy"]
+            line["eval_reward_mean"] = ev["reward_mean"]
+        self.state.history.append(line)
+        lengths = [(g.prompt_id, [s.n_tokens for s in g.samples]) for g in batch.groups]
+        self.logger.update(line, lengths)
+        self.state.trace_lines = self.logger.trace_lines
+        if not self.controller.colocated:
+            self._snapshot_weights()  # the trainer is idle now: a safe point
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if record.skipped else 0
+        if self.skipped_in_a_row >= self.cfg.max_skipped_updates:
+            last = complete_checkpoints(self.ckpt_root)
+            raise NumericalError(
+                f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient "
+                f"and were skipped; stopping. "
+                + (f"The last checkpoint, {last[-1]}, is intact." if last else "")
+            )
+        every = self.cfg.checkpoint.every_updates
+        if every and record.step % every == 0 and self.controller.colocated:
+            if self.engine.num_unfinished():  # the engine kept its responses over the update
+                self.controller.stop(self.engine.pause())  # they resume first, after this
+            self.checkpoint(record.step)  # nothing runs now: the state is complete
+
+    def restart_engine(self) -> Engine:
+        """A fresh engine serving the current policy version (after the old one failed)."""
+        self.engine = build_engine(self.cfg, self.model, self.tokenizer, self.controller.version)
+        if self.safe_weights is not None:  # never weights the trainer is changing right now
+            version, weights = self.safe_weights
+            self.engine.load_weights(weights, version)
+        return self.engine
+
+    # --- the run's own actions ----------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate_run(self.cfg, self.model, self.tokenizer, self.scorer, self.prompts.eval)
+
+    def checkpoint(self, step: int) -> Path:
+        """Write checkpoint `step`: weights, trainer, every RNG, controller and run state."""
+        import torch
+
+        rng: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "python": _to_lists(random.getstate()),
+        }
+        if hasattr(self.engine, "rng_state"):
+            rng["engine"] = self.engine.rng_state()
+        self.state.elapsed_s = self.elapsed_now()
+        self.state.scores = [
+            (k[0], k[1], v.reward, v.correct, v.format_ok) for k, v in self.scores.items()
+        ]
+        saved_clock = self.state.clock
+        doc = self.state.model_copy(update={"clock": saved_clock.plus(self.clock)}).to_json()
+        return save_checkpoint(
+            self.ckpt_root,
+            step,
+            model=self.model,
+            trainer_state={"trainer": self.trainer.state_dict(), "rng": rng},
+            controller_state=controller_state(self.controller),
+            run_state=doc,
+            keep=self.cfg.checkpoint.keep,
+        )
+
+    def restore_rng(self, rng: dict[str, Any]) -> None:
+        """The RNG states of a checkpoint: torch's, Python's and the engine's sampler."""
+        import torch
+
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_to_tuple(rng["python"]))
+        if "engine" in rng and hasattr(self.engine, "set_rng_state"):
+            self.engine.set_rng_state(rng["engine"])
+
+    def elapsed_now(self) -> float:
+        """Wall time of the whole run so far, earlier segments included."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def execute(self, pause_for_update: bool) -> RunResult:
+        """Run the loop; SIGTERM / SIGINT stop it at the next engine step. An engine that
+        keeps failing stops the run with a checkpoint."""
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        try:
+            with self.logger:
+                result = run(
+                    self.controller,
+                    self.engine,
+                    self.trainer,
+                    scorer=self.score,
+                    on_update=self.on_update,
+                    max_updates=self.cfg.max_updates,
+                    should_stop=lambda: self.stop_signum is not None,
+                    restart_engine=self.restart_engine,
+                    max_engine_restarts=self.cfg.max_engine_failures - 1,
+                    pause_for_update=pause_for_update,
+                    clock=self.clock,
+                )
+        except EngineFailedError as e:
+            where = self.checkpoint(len(self.state.history))
+            raise SortedRLError(
+                f"{e}; checkpoint written to {where}; resume with --resume auto"
+            ) from e
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.logger.close_logs()
+        self.engine = result.engine
+        final = self.checkpoint(len(self.state.history))
+        if result.stopped and self.stop_signum is not None:
+            raise RunInterrupted(
+                self.stop_signum,
+                f"stopped by {signal.Signals(self.stop_signum).name} after "
+                f"{len(self.state.history)} updates; checkpoint written to {final}; "
+                "go on with --resume auto",
+            )
+        return result
+
+    def finish(self, out: Path, result: RunResult) -> dict[str, Any]:
+        """After the loop: evaluate, save the model, draw the report; returns the evaluation."""
+        self.model.eval()
+        eval_after = self.evaluate()
+        steps = len(self.state.history)
+        if not self.state.evals or self.state.evals[-1]["step"] != steps:
+            self.state.evals.append({"step": steps, **eval_after})
+        assert self.state.eval_before is not None
+        self.logger.evals(self.state.eval_before, eval_after, steps)
+        self.model.save_pretrained(out / "model", safe_serialization=True)
+        self.tokenizer.save_pretrained(out / "model")
+        self.logger.report(
+            out / "report.png",
+            self.state.history,
+            self.state.evals,
+            result.clock,
+            result.engine.capacity,
+        )
+        return eval_after
+
+    def summary(
+        self,
+        result: RunResult,
+        eval_after: dict[str, Any],
+        *,
+        resumed_from: str | None,
+        model_time_s: float,
+    ) -> dict[str, Any]:
+        """`summary.json`: the loop's summary with its times over every segment of the run."""
+        doc = {
+            **result.summary,
+            **self.state.clock.plus(result.clock).summary_times(
+                result.engine.capacity,
+                result.summary["tokens_trained"],
+                result.summary["samples_trained"],
+            ),
+            "resumed_from": resumed_from,
+            "model_time_s": model_time_s,
+            "eval_before": self.state.eval_before,
+            "eval_after": eval_after,
+            "evals": self.state.evals,
+            "engine_stats": dict(getattr(result.engine, "stats", {})),
+            "config": self.cfg.model_dump(mode="json"),
+            "out_dir": str(self.ckpt_root.parent),
+        }
+        doc["loop_time_s"] = doc["wall_time_s"]  # the run loop's time, every segment
+        doc["wall_time_s"] = self.elapsed_now()  # preparation and evaluation included
+        return doc
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signum is None:
+            self.stop_signum = signum
+
+    def _snapshot_weights(self) -> None:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self.safe_weights = (self.controller.version, weights)
+
+    def _metrics_line(self, record: Any, batch: Any) -> dict[str, Any]:
+        n_correct = n = 0
+        for g in batch.groups:
+            for s in g.samples:
+                sc = self.scores.pop((g.prompt_id, s.sample_index), None)
+                n += 1
+                n_correct += int(bool(sc is not None and sc.correct))
+        self.state.samples_trained += record.samples
+        line: dict[str, Any] = {
+            "step": record.step,
+            "policy_version": record.policy_version,
+            "reward_mean": record.reward_mean,
+            "accuracy": n_correct / n if n else 0.0,
+            "response_len_mean": record.response_len_mean,
+            "bubble_ratio": record.bubble_ratio,
+            "max_staleness_trained": record.max_staleness_trained,
+            "mean_staleness_trained": record.mean_staleness_trained,
+            "groups": record.groups,
+            "samples": record.samples,
+            "tokens": record.tokens,
+            "samples_trained": self.state.samples_trained,
+            "skipped": record.skipped,
+            "time_s": self.elapsed_now(),
+            "loop_time_s": record.time_s,
+        }
+        for k, v in record.stats.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                line[f"train/{k}"] = float(v)
+        return line
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
