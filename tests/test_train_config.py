@@ -56,7 +56,18 @@ def test_one_temperature_and_one_seed():
 
 
 def test_an_engine_that_cannot_be_built_is_refused_by_name():
-    with pytest.raises(ConfigError, match="rollout.engine: 'vllm' is not available"):
+    with pytest.raises(ConfigError, match="rollout.engine: Input should be 'transformers' or"):
+        load_config(None, ["rollout.engine=sglang"])
+
+
+def test_the_vllm_engine_needs_vllm_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="rollout.engine: 'vllm' needs vllm, not installed"):
         load_config(None, ["rollout.engine=vllm"])
 
 

