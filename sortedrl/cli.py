@@ -281,6 +281,14 @@ def train(
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option(
+    "--engine",
+    "engine_name",
+    type=click.Choice(["transformers", "vllm"]),
+    default="transformers",
+    show_default=True,
+    help="the engine that generates (vllm: see the README's vLLM section)",
+)
 @click.option("--json", "json_path", type=click.Path(), help="write the scores here")
 @friendly_errors
 def eval_command(**kw: Any) -> None:
@@ -297,6 +305,7 @@ def eval_command(**kw: Any) -> None:
         f"model.path={kw['model_path']}",
         f"task.name={kw['task_name']}",
         f"model.device={kw['device']}",
+        f"rollout.engine={kw['engine_name']}",  # refused by name where it cannot run
     ]
     if kw["data_path"]:
         overrides.append(f"task.eval_path={kw['data_path']}")
@@ -321,6 +330,7 @@ def eval_command(**kw: Any) -> None:
             max_new_tokens=kw["max_new_tokens"],
             seed=kw["seed"],
             device=kw["device"],
+            engine_name=kw["engine_name"],
         )
     finally:
         scorer.close()

@@ -46,25 +46,27 @@ def evaluate(
     max_new_tokens: int = 128,
     seed: int = 0,
     device: str = "cpu",
+    engine_name: str = "transformers",
 ) -> dict[str, float]:
     """Generate `samples` responses per problem and score them with `scorer`.
 
     Returns pass@1 (= accuracy: the mean share of correct responses, mean@k over samples),
     reward_mean, format_ok and response_len_mean (tokens). The model is left in the training
-    mode it was in.
+    mode it was in. `engine_name`: "transformers", or "vllm" (a vLLM engine started for this
+    evaluation and shut down after it).
     """
-    from sortedrl.engines.transformers_engine import TransformersEngine
-
     was_training = bool(getattr(model, "training", False))
-    engine = TransformersEngine(
-        model,
-        tokenizer,
-        capacity=capacity,
-        temperature=temperature,  # <= 0: greedy
-        top_p=top_p,
-        seed=seed,
-        device=device,
-    )
+    kwargs = dict(capacity=capacity, temperature=temperature, top_p=top_p, seed=seed)
+    if engine_name == "vllm":
+        from sortedrl.engines.vllm_engine import VLLMEngine
+
+        engine: Any = VLLMEngine(model, tokenizer, device=device, **kwargs)  # <= 0: greedy
+    elif engine_name == "transformers":
+        from sortedrl.engines.transformers_engine import TransformersEngine
+
+        engine = TransformersEngine(model, tokenizer, device=device, **kwargs)
+    else:
+        raise ValueError(f"evaluate: unknown engine {engine_name!r}")
     by_id: dict[str, tuple[Problem, int]] = {}
     requests = []
     for i, p in enumerate(problems):
@@ -100,6 +102,8 @@ def evaluate(
     finally:
         if was_training:
             model.train()
+        if hasattr(engine, "close"):
+            engine.close()
     n = max(1, len(rewards))
     acc = sum(correct) / n
     return {
