@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first (unless one is installed), so the train extra does not pull
 	# a CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || \
-		$(BIN)/pip install -q "torch==2.13.0" --index-url $(TORCH_INDEX)
+		$(BIN)/pip install -q --retries 1 "torch==2.13.0" --index-url $(TORCH_INDEX)
 	$(BIN)/pip install -q -e ".[train,dev]"
 	touch $(STAMP)
 
