@@ -46,14 +46,9 @@ _CACHE_FORMAT = 1  # bump when the warm start changes meaning
 
 
 def build_task(cfg: TrainConfig) -> Any:
-    from sortedrl.tasks.registry import get_task
+    from sortedrl.tasks.registry import build_task as build
 
-    t = cfg.task
-    if t.name == "math":
-        return get_task("math", path=t.path, test_path=t.eval_path)
-    if t.path or t.eval_path:
-        raise ConfigError(f"task.path: only the math task reads a file, not {t.name!r}")
-    return get_task(t.name)
+    return build(cfg.task)
 
 
 def cache_root() -> Path:
@@ -177,6 +172,7 @@ def _eval(cfg: TrainConfig, model: Any, tokenizer: Any, task: Any, problems: lis
             max_new_tokens=cfg.rollout.max_new_tokens,
             seed=cfg.seed,
             device=cfg.model.device,
+            chat_template=cfg.task.chat_template,
         )
 
     result = score(cfg.eval.samples, cfg.eval.temperature)
@@ -188,17 +184,17 @@ def _eval(cfg: TrainConfig, model: Any, tokenizer: Any, task: Any, problems: lis
 
 
 def _make_score_fn(cfg: TrainConfig, task: Any) -> tuple[Any, Any]:
-    """(score(problem, response) -> Score-like, closer)."""
-    from sortedrl.tasks.rewards import RewardRunner, load_reward_fn
+    """(scorer with score_batch, closer)."""
+    from sortedrl.tasks.scoring import make_scorer
 
-    target: Any = load_reward_fn(cfg.task.reward_fn) if cfg.task.reward_fn else task
-    workers = cfg.task.reward_workers
-    if workers is None:  # sandbox whatever is not a built-in linear-time verifier
-        workers = 2 if cfg.task.reward_fn or cfg.task.name == "math" else 0
-    if workers > 0 or cfg.task.reward_fn:
-        runner = RewardRunner(target, timeout_s=cfg.task.reward_timeout_s, workers=workers)
-        return runner, runner.close
-    return task, (lambda: None)
+    runner = make_scorer(cfg.task, task)
+    return runner, runner.close
+
+
+def _train_records(task: Any) -> int | None:
+    """Distinct training problems of a task read from files (None for generated tasks)."""
+    count = getattr(task, "num_records", None)
+    return count("train") if callable(count) else None
 
 
 def expected_updates(cfg: TrainConfig) -> int:
@@ -227,6 +223,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     eval_problems = task.problems("test", cfg.task.eval_prompts, seed=cfg.seed)
     if not train_problems:
         raise ConfigError("task: no training problems")
+    train_records = _train_records(task)
+    if progress and train_records and cfg.task.train_prompts > train_records:
+        print(
+            f"task.train_prompts={cfg.task.train_prompts} over {train_records} training records: "
+            f"{cfg.task.train_prompts / train_records:.2f} epochs, reshuffled each time"
+        )
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = prepare_model(cfg, task)
@@ -260,7 +262,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
         if p.prompt_id in problems_by_id:
             raise ConfigError(f"task: duplicate prompt id {p.prompt_id!r}")
         problems_by_id[p.prompt_id] = p
-        ids = prompt_token_ids(tokenizer, p.prompt)
+        ids = prompt_token_ids(tokenizer, p.prompt, cfg.task.chat_template)
         specs.append(PromptSpec(p.prompt_id, len(ids), ids))
 
     def make_engine(version: int) -> TransformersEngine:
@@ -319,6 +321,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
 
     history: list[dict[str, Any]] = run_state.get("history", [])
     samples_trained = run_state.get("samples_trained", 0)
+    prompts_trained = sum(h["groups"] for h in history)
     # A resumed run drops what was logged after its checkpoint: those updates run again.
     writer = SummaryWriter(
         log_dir=str(out / "tb"), purge_step=len(history) + 1 if resumed else None
@@ -383,7 +386,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
     bar_task = bar.add_task("train", total=total, info="")
 
     def on_update(record, batch, result) -> None:
-        nonlocal samples_trained, trace_lines, skipped_in_a_row
+        nonlocal samples_trained, prompts_trained, trace_lines, skipped_in_a_row
         n_correct = n = 0
         for g in batch.groups:
             for s in g.samples:
@@ -391,6 +394,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
                 n += 1
                 n_correct += int(bool(sc is not None and sc.correct))
         samples_trained += record.samples
+        prompts_trained += record.groups
         line: dict[str, Any] = {
             "step": record.step,
             "policy_version": record.policy_version,
@@ -405,6 +409,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
             "tokens": record.tokens,
             "samples_trained": samples_trained,
             "skipped": record.skipped,
+            # Passes over the training records so far (trained prompts / records).
+            "epoch": prompts_trained / train_records if train_records else None,
             "time_s": elapsed_before + time.perf_counter() - t_start,
             "loop_time_s": record.time_s,
         }
@@ -524,6 +530,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict[
         "eval_before": eval_before,
         "eval_after": eval_after,
         "evals": evals,
+        "train_records": train_records,
+        "epochs": prompts_trained / train_records if train_records else None,
         "bubble_ratio": result.summary["bubble_ratio"],
         "engine_stats": dict(engine.stats),
         "config": cfg.model_dump(mode="json"),
