@@ -89,6 +89,9 @@ def test_default_verifier_reads_a_plain_answer_on_the_last_line():
     assert score_answer(p, "let me think\n19\n").correct
     assert score_answer(p, "The answer is 19.").correct
     assert not score_answer(p, "18").correct
+    # Words are compared as text: math-verify would read "abc" as a*b*c, equal to c*b*a.
+    assert not score_answer(Problem("y", "reverse abc", "cba"), "abc").correct
+    assert score_answer(Problem("y", "capital of France?", "Paris"), "paris").correct
     # math asks for \boxed{}: an unmarked answer is no answer there.
     assert not score_answer(p, "19", last_line=False).format_ok
 

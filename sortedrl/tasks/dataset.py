@@ -25,14 +25,16 @@ the summary).
 
 Default verifier (:func:`score_answer`): the final answer is the last ``\\boxed{...}``, else what
 follows the last "answer is" / "Answer:", else (dataset task only) the response's last
-non-empty line; it is compared with the reference by math-verify (exact text first). Reward
-1.0 when they match, else 0.0.
+non-empty line; it is compared with the reference by math-verify (exact text first), or, when
+the reference is plain words (letters and spaces, two letters at least), as text ignoring
+case. Reward 1.0 when they match, else 0.0.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from sortedrl.tasks.data import HELD_OUT_SPLITS, read_rows, saved_splits
 PROMPT_KEYS = ("problem", "question")
 MAX_RESPONSE_CHARS = 200_000
 RAW_PROMPT = ""
+_PLAIN_WORDS = re.compile(r"[A-Za-z]{2,}(?: [A-Za-z]+)*")  # text answers: compared as text
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,11 @@ def score_answer(problem: Problem, response: str, last_line: bool = True) -> Sco
         pred = lines[-1] if lines else None
     if pred is None or not problem.answer:
         return Score(REWARD_WRONG, False, pred is not None)
-    correct = answers_match(problem.answer, pred)
+    if _PLAIN_WORDS.fullmatch(problem.answer.strip()):
+        # A word is not a product of symbols: math-verify would take "abc" and "cba" as equal.
+        correct = pred.strip().lower() == problem.answer.strip().lower()
+    else:
+        correct = answers_match(problem.answer, pred)
     return Score(REWARD_CORRECT if correct else REWARD_WRONG, correct, True)
 
 
