@@ -240,11 +240,22 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=24, help="longest string to reverse")
     ap.add_argument("--warm-start-steps", type=int, default=150)
     ap.add_argument("--eval-prompts", type=int, default=200)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every run (1: robust on a CPU shared with other work)",
+    )
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--only", choices=sorted(RUNS), help=argparse.SUPPRESS)  # one run, in-process
     ap.add_argument("overrides", nargs="*", help="extra sortedrl settings, KEY=VALUE")
     args = ap.parse_args()
     work = Path(args.work)
+    # Every run, and the subprocesses, get the same number of threads.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     if args.only == "trl":
         print(json.dumps(run_trl(args)), flush=True)

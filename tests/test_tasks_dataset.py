@@ -145,6 +145,11 @@ def test_saved_dataset_dict_gives_train_and_test_splits(tmp_path):
     assert {p.prompt for p in task.problems("train", 4, 0)} == {"1+1="}
     assert [p.prompt for p in task.problems("test", 1, 0)] == ["2+2="]
     assert task.num_records("train") == 4
+    only_train = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"q": "1="}] * 2)})
+    only_train.save_to_disk(str(tmp_path / "dd2"))
+    held_out = DatasetTask(path=str(tmp_path / "dd2"), test_path=str(tmp_path / "dd2"))
+    with pytest.raises(InputFileError, match=r"dd2: has no 'test' or 'validation' split"):
+        held_out.problems("test", 1, 0)
     # A single saved Dataset is read as it is; a record number names a bad row.
     datasets.Dataset.from_list([{"q": "1=", "gold": "1"}, {"q": "", "gold": "2"}]).save_to_disk(
         str(tmp_path / "one")
