@@ -19,7 +19,7 @@ one evaluator; then the ratios against TRL.
 
 Needs the bench extra: pip install -e '.[train,bench]'
 
-Run: python benchmarks/bench_vs_trl.py [--updates 24] [--work runs/bench_vs_trl]
+Run: python benchmarks/bench_vs_trl.py [--updates 48] [--work runs/bench_vs_trl]
 """
 
 from __future__ import annotations
@@ -256,14 +256,14 @@ RUNS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="runs/bench_vs_trl")
-    ap.add_argument("--updates", type=int, default=32)
+    ap.add_argument("--updates", type=int, default=48)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--prompts-per-update", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=24, help="longest string to reverse")
-    ap.add_argument("--warm-start-steps", type=int, default=150)
+    ap.add_argument("--max-len", type=int, default=16, help="longest string to reverse")
+    ap.add_argument("--warm-start-steps", type=int, default=300)
     ap.add_argument("--eval-prompts", type=int, default=200)
     ap.add_argument(
         "--threads",
