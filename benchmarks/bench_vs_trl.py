@@ -259,7 +259,7 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=48)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--prompts-per-update", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=16, help="longest string to reverse")

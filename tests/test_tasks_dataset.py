@@ -227,6 +227,10 @@ def test_weighted_sum_of_both_signatures(reward_module):
     assert s.reward == pytest.approx(1.8) and s.correct
     # A None (not applicable) adds nothing: 1 * 0 + 2 * 0 + nothing.
     assert fns(p, "skip") == Score(0.0, False, True)
+    # Partial credit is not correctness: with a task to judge, its verifier decides.
+    partial = load_reward_fns(["my_rewards:trl_short"], None, judge=DatasetTask(path="unused"))
+    assert partial(p, "18").reward < 0 and not partial(p, "18").correct
+    assert partial(p, "19").correct
     with pytest.raises(ConfigError, match=r"takes \(x\)"):
         load_reward_fns(["my_rewards:no_signature"], None)
 

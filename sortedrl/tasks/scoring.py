@@ -22,7 +22,7 @@ def reward_target(task_cfg: Any, task: Any) -> Any:
     if task_cfg.reward_fns:
         from sortedrl.tasks.user_rewards import load_reward_fns
 
-        return load_reward_fns(task_cfg.reward_fns, task_cfg.reward_weights)
+        return load_reward_fns(task_cfg.reward_fns, task_cfg.reward_weights, judge=task)
     return task
 
 

@@ -13,8 +13,10 @@
   a ``None`` in the returned list (TRL: "not applicable to this sample") adds nothing to the sum.
 
 With several functions, a response's reward is ``sum(weight_i * reward_i)``; weights default
-to 1. A response counts as correct (the ``accuracy`` measure) when every function that returned
-a :class:`~sortedrl.tasks.base.Score` says so and, if none did, when its reward is > 0.
+to 1. Whether a response is correct (the ``accuracy`` measure) is the task's verifier's verdict
+against the reference answer when the problem has one (rewards may give partial credit, so a
+positive reward says little); without an answer, every function that returned a
+:class:`~sortedrl.tasks.base.Score` must say so, or, if none did, the reward must be > 0.
 
 The wrappers here are module-level and hold the functions by reference, so they pickle into
 the reward sandbox's worker processes as long as the functions' modules import there.
@@ -79,13 +81,19 @@ class TRLReward:
 class WeightedReward:
     """The weighted sum of several reward functions' values as one Score."""
 
-    def __init__(self, fns: Sequence[Callable[[Problem, str], Any]], weights: Sequence[float]):
+    def __init__(
+        self,
+        fns: Sequence[Callable[[Problem, str], Any]],
+        weights: Sequence[float],
+        judge: Any = None,
+    ):
         if len(fns) != len(weights):
             raise ConfigError(
                 f"task.reward_weights: {len(weights)} weights for {len(fns)} reward functions"
             )
         self.fns = list(fns)
         self.weights = [float(w) for w in weights]
+        self.judge = judge  # a task whose score() gives the verdict where there is an answer
 
     def __call__(self, problem: Problem, response: str) -> Score:
         total = 0.0
@@ -106,16 +114,27 @@ class WeightedReward:
             if not math.isfinite(value):
                 raise ValueError(f"a reward function returned {value}")
             total += w * float(value)
-        correct = all(verdicts) if verdicts else total > 0
+        if self.judge is not None and problem.answer:
+            correct = bool(self.judge.score(problem, response).correct)
+        else:
+            correct = all(verdicts) if verdicts else total > 0
         return Score(total, correct, format_ok)
 
+    def warmup(self) -> None:
+        warm = getattr(self.judge, "warmup", None)
+        if callable(warm):
+            warm()
 
-def load_reward_fns(specs: Sequence[str], weights: Sequence[float] | None) -> WeightedReward:
-    """The functions named ``"package.module:function"``, each in its own signature, weighted."""
+
+def load_reward_fns(
+    specs: Sequence[str], weights: Sequence[float] | None, judge: Any = None
+) -> WeightedReward:
+    """The functions named ``"package.module:function"``, each in its own signature, weighted;
+    `judge` (a task) decides correctness where a problem has a reference answer."""
     if not specs:
         raise ConfigError("task.reward_fns: empty")
     fns: list[Callable[[Problem, str], Any]] = []
     for spec in specs:
         fn = load_reward_fn(spec)
         fns.append(TRLReward(fn) if signature_style(fn, spec) == TRL else fn)
-    return WeightedReward(fns, weights if weights is not None else [1.0] * len(fns))
+    return WeightedReward(fns, weights if weights is not None else [1.0] * len(fns), judge)
