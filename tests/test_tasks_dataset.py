@@ -154,7 +154,8 @@ def test_saved_dataset_dict_gives_train_and_test_splits(tmp_path):
     datasets.Dataset.from_list([{"q": "1=", "gold": "1"}, {"q": "", "gold": "2"}]).save_to_disk(
         str(tmp_path / "one")
     )
-    bad = DatasetTask(path=str(tmp_path / "one"), test_path=str(tmp_path / "one"), prompt_key="q")
+    one = str(tmp_path / "one")
+    bad = DatasetTask(path=one, test_path=one, prompt_key="q", answer_key="gold")
     with pytest.raises(InputFileError, match=r"one:2: field 'q': is empty"):
         bad.problems("train", 1, 0)
 
