@@ -66,9 +66,9 @@ def test_math_is_the_dataset_task_with_its_prompt(tmp_path):
     cfg = load_config(None, ["task.name=math", f"task.path={f}", f"task.eval_path={f}"]).task
     (p,) = build_task(cfg).problems("train", 1, 0)
     assert p.prompt.startswith("1+1?\nPlease reason step by step")
-    raw = load_config(
-        None, ["task.name=math", f"task.path={f}", f"task.eval_path={f}", "task.prompt_template=''"]
-    ).task
+    conf = tmp_path / "raw.yaml"  # an empty template: the problem as it is
+    conf.write_text(f"task:\n  name: math\n  path: {f}\n  eval_path: {f}\n  prompt_template: ''\n")
+    raw = load_config(str(conf), []).task
     assert build_task(raw).problems("train", 1, 0)[0].prompt == "1+1?"
 
 

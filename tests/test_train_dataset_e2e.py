@@ -71,7 +71,7 @@ def test_own_model_data_and_trl_reward_train_in_one_command(tmp_path, monkeypatc
             f"task.path={data}",
             "task.prompt_key=sum",
             "task.answer_key=expected",
-            "task.prompt_template='Q what is {problem}?='",
+            "task.prompt_template=Q what is {problem}?=",
             "task.reward_fns=[user_rewards_mod:exact_sum, user_rewards_mod:brevity]",
             "task.reward_weights=[1.0, 0.5]",
             "task.train_prompts=48",
