@@ -265,20 +265,41 @@ def train(
 @main.command(name="eval")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="model directory")
 @click.option("--task", "task_name", default="reverse", show_default=True)
-@click.option("--path", "data_path", type=click.Path(), help="math: a JSONL/Parquet eval file")
+@click.option(
+    "--path",
+    "data_path",
+    type=click.Path(),
+    help="math, dataset: the problems to score (JSONL, JSON, Parquet, or a saved datasets "
+    "directory: its test or validation split)",
+)
+@click.option("--prompt-key", default=None, help="math, dataset: as task.prompt_key")
+@click.option("--answer-key", default=None, help="math, dataset: as task.answer_key")
+@click.option(
+    "--prompt-template", default=None, help="math, dataset: as task.prompt_template ({problem})"
+)
+@click.option(
+    "--chat-template/--no-chat-template",
+    default=True,
+    show_default=True,
+    help="as task.chat_template: wrap prompts in the tokenizer's chat template",
+)
+@click.option(
+    "--reward-fns",
+    multiple=True,
+    help="as task.reward_fns: 'package.module:function', once per function",
+)
+@click.option(
+    "--reward-weights",
+    type=float,
+    multiple=True,
+    help="as task.reward_weights: once per --reward-fns",
+)
 @click.option("--prompts", type=int, default=200, show_default=True)
 @click.option("--samples", type=int, default=1, show_default=True, help="k of mean@k")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="nucleus sampling")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--capacity", type=int, default=64, show_default=True)
-@click.option(
-    "--solve-rate",
-    type=float,
-    default=None,
-    help="simulated rewards: each response is correct with this probability (what "
-    "--filter-equal-rewards needs) [default: no rewards, all 0]",
-)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option(
@@ -301,16 +322,7 @@ def eval_command(**kw: Any) -> None:
     from sortedrl.tasks.registry import build_task
     from sortedrl.tasks.scoring import make_scorer
 
-    overrides = [
-        f"model.path={kw['model_path']}",
-        f"task.name={kw['task_name']}",
-        f"model.device={kw['device']}",
-        f"rollout.engine={kw['engine_name']}",  # refused by name where it cannot run
-    ]
-    if kw["data_path"]:
-        overrides.append(f"task.eval_path={kw['data_path']}")
-        overrides.append(f"task.path={kw['data_path']}")
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, _eval_overrides(kw))
     task = build_task(cfg.task)
     model, tokenizer = prepare_model(cfg, task)
     problems = task.problems("test", kw["prompts"], seed=kw["seed"])
@@ -331,6 +343,7 @@ def eval_command(**kw: Any) -> None:
             seed=kw["seed"],
             device=kw["device"],
             engine_name=kw["engine_name"],
+            chat_template=cfg.task.chat_template,
         )
     finally:
         scorer.close()
@@ -341,6 +354,30 @@ def eval_command(**kw: Any) -> None:
     )
     if kw["json_path"]:
         write_json_atomic(kw["json_path"], scores)
+
+
+def _eval_overrides(kw: dict[str, Any]) -> list[str]:
+    """The `task` and `model` settings of `sortedrl eval`'s options, as train overrides."""
+    import json
+
+    overrides = [
+        f"model.path={kw['model_path']}",
+        f"task.name={kw['task_name']}",
+        f"model.device={kw['device']}",
+        f"task.chat_template={str(kw['chat_template']).lower()}",
+        f"rollout.engine={kw['engine_name']}",  # refused by name where it cannot run
+    ]
+    if kw["data_path"]:  # every record of the file is held out (of a DatasetDict: its test split)
+        overrides.append(f"task.eval_path={kw['data_path']}")
+        overrides.append(f"task.path={kw['data_path']}")
+    for key in ("prompt_key", "answer_key", "prompt_template"):
+        if kw[key] is not None:
+            overrides.append(f"task.{key}={kw[key]}")
+    if kw["reward_fns"]:
+        overrides.append(f"task.reward_fns={json.dumps(list(kw['reward_fns']))}")
+    if kw["reward_weights"]:
+        overrides.append(f"task.reward_weights={json.dumps(list(kw['reward_weights']))}")
+    return overrides
 
 
 if __name__ == "__main__":

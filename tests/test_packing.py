@@ -31,8 +31,11 @@ def test_plan_sorts_and_packs_to_budget():
     #   [#1, #3]: 2 x 3 = 6; adding #0 would be 3 x 5 = 15 > 12 -> new micro-batch
     #   [#0]: adding #2 would be 2 x 8 = 16 > 12;  [#2];  [#4]
     assert plan_micro_batches([5, 3, 8, 3, 10], 12) == [[1, 3], [0], [2], [4]]
-    # a huge budget puts everything in one micro-batch, still sorted short to long
-    assert plan_micro_batches([5, 3, 8, 3, 10], 10_000) == [[1, 3, 0, 2, 4]]
+    # a huge budget puts everything in one micro-batch, still sorted short to long, as long as
+    # the longest is at most twice the shortest
+    assert plan_micro_batches([5, 3, 6, 3, 4], 10_000) == [[1, 3, 4, 0, 2]]
+    # past that, a new micro-batch starts: padded 3 * 5 + 2 * 10 = 35 tokens, not 5 * 10 = 50
+    assert plan_micro_batches([5, 3, 8, 3, 10], 10_000) == [[1, 3, 0], [2, 4]]
     # a sequence longer than the budget runs alone
     assert plan_micro_batches([10, 2, 2], 4) == [[1, 2], [0]]
     assert plan_micro_batches([], 4) == []
@@ -50,7 +53,9 @@ def test_plan_respects_budget_and_covers_every_index():
         plan = plan_micro_batches(lengths, budget)
         assert sorted(i for mb in plan for i in mb) == list(range(len(lengths)))
         for mb in plan:
-            assert len(mb) == 1 or len(mb) * max(lengths[i] for i in mb) <= budget
+            longest = max(lengths[i] for i in mb)
+            assert len(mb) == 1 or len(mb) * longest <= budget
+            assert longest <= 2 * min(lengths[i] for i in mb)
 
 
 def test_collate_layout():
@@ -120,9 +125,8 @@ def test_micro_batches_give_the_big_batch_gradient(agg):
     num_tokens = sum(r.n_loss_tokens for r in rows)
     num_seqs = sum(1 for r in rows if r.n_loss_tokens > 0)
 
-    def grads(budget):
+    def grads(plan):
         model.zero_grad(set_to_none=True)
-        plan = plan_micro_batches([r.length for r in rows], budget)
         total = 0.0
         for idx in plan:
             mb = collate(rows, idx)
@@ -137,8 +141,8 @@ def test_micro_batches_give_the_big_batch_gradient(agg):
             total += float(out.loss.detach())
         return len(plan), total, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    n_big, loss_big, g_big = grads(10_000)
-    n_small, loss_small, g_small = grads(24)
+    n_big, loss_big, g_big = grads([list(range(len(rows)))])
+    n_small, loss_small, g_small = grads(plan_micro_batches([r.length for r in rows], 24))
     assert n_big == 1 and n_small >= 4
     assert loss_small == pytest.approx(loss_big, abs=1e-12)
     for name, g in g_big.items():

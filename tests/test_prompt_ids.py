@@ -23,3 +23,6 @@ def test_chat_template_is_applied():
         "{% if add_generation_prompt %}:{% endif %}"
     )
     assert tok.decode(prompt_token_ids(tok, "abc")) == "[abc]:"
+    # task.chat_template=false: the raw prompt, as a tokenizer without a template gives it
+    raw = prompt_token_ids(tok, "abc", chat_template=False)
+    assert raw[0] == tok.bos_token_id and tok.decode(raw, skip_special_tokens=True) == "abc"

@@ -3,6 +3,7 @@ import pytest
 from sortedrl.errors import ConfigError
 from sortedrl.tasks import TASK_NAMES, get_task
 from sortedrl.tasks.countdown import SyntheticTask
+from sortedrl.tasks.dataset import DatasetTask
 from sortedrl.tasks.knights_knaves import KnightsKnavesTask
 from sortedrl.tasks.math import MathTask
 
@@ -14,11 +15,12 @@ def test_get_task(tmp_path):
     f = tmp_path / "m.jsonl"
     f.write_text('{"problem": "1+1", "answer": "2"}\n')
     assert isinstance(get_task("math", path=str(f)), MathTask)
-    assert set(TASK_NAMES) == {"reverse", "countdown", "knights_knaves", "math"}
+    assert set(TASK_NAMES) == {"reverse", "countdown", "knights_knaves", "math", "dataset"}
+    assert isinstance(get_task("dataset", path=str(f)), DatasetTask)
 
 
 def test_get_task_errors():
-    with pytest.raises(ConfigError, match="reverse, countdown, knights_knaves, math"):
+    with pytest.raises(ConfigError, match="reverse, countdown, knights_knaves, math, dataset"):
         get_task("gsm8k")
     with pytest.raises(ConfigError, match="needs a path"):
         get_task("math")

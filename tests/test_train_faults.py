@@ -112,12 +112,13 @@ def test_untrusted_rewards_are_sandboxed_by_default(tmp_path):
 
     data = tmp_path / "m.jsonl"
     data.write_text('{"problem": "1+1?", "answer": "2"}\n')
-    cfg = load_config(None, ["task.name=math", f"task.path={data}"])
-    scorer = make_scorer(cfg.task, build_task(cfg.task))
-    try:
-        assert scorer.n_workers == 2
-    finally:
-        scorer.close()
+    for name in ("math", "dataset"):  # math-verify meets model output: sandboxed
+        cfg = load_config(None, [f"task.name={name}", f"task.path={data}"])
+        scorer = make_scorer(cfg.task, build_task(cfg.task))
+        try:
+            assert scorer.n_workers == 2, name
+        finally:
+            scorer.close()
     cfg = load_config(None, [])  # the built-in reverse verifier: in-process, size limit only
     scorer = make_scorer(cfg.task, build_task(cfg.task))
     assert scorer.n_workers == 0

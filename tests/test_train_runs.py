@@ -101,7 +101,7 @@ def test_evaluation_scores_through_the_runs_sandbox_and_reward_fn(tmp_path):
     from sortedrl.tasks.scoring import make_scorer
 
     base = [*TINY, "task.eval_prompts=2", "scheduler.max_new_tokens=4"]
-    cfg = load_config(None, [*base, "task.reward_fn=reward_fns:always_one"])
+    cfg = load_config(None, [*base, "task.reward_fns=[reward_fns:always_one]"])
     task = build_task(cfg.task)
     _, held_out = problems_of(cfg, task)
     model, tok = prepare_model(cfg, task)
@@ -111,7 +111,7 @@ def test_evaluation_scores_through_the_runs_sandbox_and_reward_fn(tmp_path):
     finally:
         scorer.close()
     # A reward that never returns is cut off by the hard time limit in a worker process.
-    hang = ["task.reward_fn=reward_fns:never_returns", "task.reward_timeout_s=1"]
+    hang = ["task.reward_fns=[reward_fns:never_returns]", "task.reward_timeout_s=1"]
     cfg = load_config(None, [*base, *hang, "task.reward_workers=1"])
     scorer = make_scorer(cfg.task, task)
     try:

@@ -15,10 +15,10 @@ from sortedrl.tasks.scoring import Scorer
 from sortedrl.training.sft import encode_example
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
     """The prompt's token ids: through the tokenizer's chat template when it has one (a chat
-    model), else as the warm start sees them (BOS prepended)."""
-    if getattr(tokenizer, "chat_template", None):
+    model) and `chat_template` is true, else as the warm start sees them (BOS prepended)."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
@@ -47,6 +47,7 @@ def evaluate(
     seed: int = 0,
     device: str = "cpu",
     engine_name: str = "transformers",
+    chat_template: bool = True,
 ) -> dict[str, float]:
     """Generate `samples` responses per problem and score them with `scorer`.
 
@@ -70,7 +71,7 @@ def evaluate(
     by_id: dict[str, tuple[Problem, int]] = {}
     requests = []
     for i, p in enumerate(problems):
-        ids = prompt_token_ids(tokenizer, p.prompt)
+        ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
         for k in range(samples):
             rid = f"eval/{i}/{k}"
             by_id[rid] = (p, k)
@@ -136,6 +137,7 @@ def evaluate_run(
             max_new_tokens=cfg.scheduler_config().max_new_tokens,
             seed=cfg.seed,
             device=cfg.model.device,
+            chat_template=cfg.task.chat_template,
         )
 
     result: dict[str, Any] = score(cfg.eval.samples, cfg.eval.temperature, 1.0)

@@ -131,6 +131,12 @@ class Prompts:
     eval: list[Problem]
     by_id: dict[str, Problem]
     specs: list[PromptSpec]
+    #: distinct training records of a task read from files (None for generated tasks)
+    train_records: int | None = None
+
+    def epochs(self, prompts_trained: int) -> float | None:
+        """Passes over the training records after `prompts_trained` prompts (None: generated)."""
+        return prompts_trained / self.train_records if self.train_records else None
 
 
 def problems_of(cfg: TrainConfig, task: Any) -> tuple[list[Problem], list[Problem]]:
@@ -142,8 +148,22 @@ def problems_of(cfg: TrainConfig, task: Any) -> tuple[list[Problem], list[Proble
     return train, held_out
 
 
-def prepare_prompts(train: list[Problem], held_out: list[Problem], tokenizer: Any) -> Prompts:
-    """Tokenize the RL prompts (through the chat template when there is one)."""
+def train_records(task: Any) -> int | None:
+    """Distinct training problems of a task read from files (None for generated tasks)."""
+    count = getattr(task, "num_records", None)
+    return count("train") if callable(count) else None
+
+
+def prepare_prompts(
+    train: list[Problem],
+    held_out: list[Problem],
+    tokenizer: Any,
+    *,
+    chat_template: bool = True,
+    records: int | None = None,
+) -> Prompts:
+    """Tokenize the RL prompts (through the chat template when there is one and
+    `chat_template` is true); `records` is the task's `train_records`."""
     from sortedrl.commands.evaluate import prompt_token_ids
 
     by_id: dict[str, Problem] = {}
@@ -152,6 +172,6 @@ def prepare_prompts(train: list[Problem], held_out: list[Problem], tokenizer: An
         if p.prompt_id in by_id:
             raise ConfigError(f"task: duplicate prompt id {p.prompt_id!r}")
         by_id[p.prompt_id] = p
-        ids = prompt_token_ids(tokenizer, p.prompt)
+        ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
         specs.append(PromptSpec(p.prompt_id, len(ids), ids))
-    return Prompts(train, held_out, by_id, specs)
+    return Prompts(train, held_out, by_id, specs, records)

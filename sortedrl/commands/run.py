@@ -63,6 +63,7 @@ class Run:
         self.elapsed_before = state.elapsed_s
         self.scores = {(pid, idx): Score(r, c, f) for pid, idx, r, c, f in state.scores}
         self.skipped_in_a_row = 0
+        self.prompts_trained = sum(int(h["groups"]) for h in state.history)
         self.stop_signum: int | None = None
         # Async: the trainer changes `model` in its own thread, so a restarted engine takes
         # the weights of the last update, copied when the trainer was idle.
@@ -251,6 +252,8 @@ class Run:
             "eval_before": self.state.eval_before,
             "eval_after": eval_after,
             "evals": self.state.evals,
+            "train_records": self.prompts.train_records,
+            "epochs": self.prompts.epochs(self.prompts_trained),
             "engine_stats": dict(getattr(result.engine, "stats", {})),
             "config": self.cfg.model_dump(mode="json"),
             "out_dir": str(self.ckpt_root.parent),
@@ -277,6 +280,7 @@ class Run:
                 n += 1
                 n_correct += int(bool(sc is not None and sc.correct))
         self.state.samples_trained += record.samples
+        self.prompts_trained += record.groups
         line: dict[str, Any] = {
             "step": record.step,
             "policy_version": record.policy_version,
@@ -291,6 +295,8 @@ class Run:
             "tokens": record.tokens,
             "samples_trained": self.state.samples_trained,
             "skipped": record.skipped,
+            # Passes over the training records so far (trained prompts / records).
+            "epoch": self.prompts.epochs(self.prompts_trained),
             "time_s": self.elapsed_now(),
             "loop_time_s": record.time_s,
         }

@@ -25,7 +25,7 @@ from typing import Any
 from sortedrl.commands.checkpoint import MANIFEST, latest_checkpoint, load_checkpoint
 from sortedrl.commands.evaluate import evaluate_run
 from sortedrl.commands.logger import RunLogger
-from sortedrl.commands.prepare import prepare_model, prepare_prompts, problems_of
+from sortedrl.commands.prepare import prepare_model, prepare_prompts, problems_of, train_records
 from sortedrl.commands.run import NumericalError, Run, RunInterrupted
 from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
@@ -54,6 +54,12 @@ def train(
     out = Path(out_dir)
     task = build_task(cfg.task)  # a bad data file is reported before anything is written
     train_problems, eval_problems = problems_of(cfg, task)
+    records = train_records(task)
+    if progress and records and cfg.task.train_prompts > records:
+        print(
+            f"task.train_prompts={cfg.task.train_prompts} over {records} training records: "
+            f"{cfg.task.train_prompts / records:.2f} epochs, reshuffled each time"
+        )
     claim_out_dir(out, resume=bool(cfg.resume), overwrite=overwrite)
     resumed = find_resume(cfg, out / "checkpoints")
     # Settings first: a checkpoint of another model is refused before its weights are read.
@@ -66,7 +72,13 @@ def train(
     t_model = time.perf_counter() - t_start
     scorer = make_scorer(cfg.task, task)
     try:
-        prompts = prepare_prompts(train_problems, eval_problems, tokenizer)
+        prompts = prepare_prompts(
+            train_problems,
+            eval_problems,
+            tokenizer,
+            chat_template=cfg.task.chat_template,
+            records=records,
+        )
         if state.eval_before is None:
             state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems)
             state.evals.append({"step": 0, **state.eval_before})

@@ -1,17 +1,14 @@
 """Math problems from local files, answers checked with math-verify.
 
-Input files (read by :func:`load_math_file`):
-
-* JSON Lines (``.jsonl``, ``.jsonl.gz`` is not supported): one object per line;
-* a JSON array of objects (``.json``);
-* Parquet (``.parquet``), read with pyarrow when it is installed.
-
-Each record needs the problem text under ``problem`` or ``question`` and the reference answer
-under ``answer``, or else a ``solution`` whose last ``\\boxed{...}`` is the answer. Keys are
-matched case-insensitively (``Problem``/``Answer`` as in some AIME dumps work); a numeric
-answer is turned into text. Blank lines are skipped. A bad record stops loading with an
+The math task is the dataset task (:mod:`sortedrl.tasks.dataset`: formats, keys, splits,
+epochs) with a prompt asking for a ``\\boxed{}`` answer. Input files (read by
+:func:`load_math_file`): JSON Lines, a JSON array, Parquet, or a directory saved with
+``datasets``. Each record needs the problem text under ``problem`` or ``question`` and the
+reference answer under ``answer``, or else a ``solution`` whose last ``\\boxed{...}`` is the
+answer. Keys are matched case-insensitively (``Problem``/``Answer`` as in some AIME dumps
+work); a numeric answer is turned into text. A bad record stops loading with an
 :class:`~sortedrl.errors.InputFileError` naming the file, the line (record number for JSON
-arrays and Parquet) and the field.
+arrays, Parquet and saved datasets) and the field.
 
 Evaluation sets are files the user downloads once; nothing here touches the network.
 :func:`load_eval_set` reads them by path. Where to get them (export the split to JSON Lines,
@@ -33,17 +30,15 @@ hard time limit is the reward sandbox's (:class:`sortedrl.tasks.rewards.RewardRu
 
 from __future__ import annotations
 
-import json
-import math
-import random
 import re
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sortedrl.errors import ConfigError, InputFileError
+from sortedrl.errors import ConfigError
 from sortedrl.tasks.base import Problem, Score
+from sortedrl.tasks.data import read_rows
+from sortedrl.tasks.dataset import DatasetTask, Record, to_record
 
 REWARD_CORRECT = 1.0
 REWARD_WRONG = 0.0
@@ -60,8 +55,6 @@ EVAL_SETS = {
 
 MAX_ANSWER_CHARS = 1000  # an extracted answer longer than this is scored wrong, not parsed
 MAX_RESPONSE_CHARS = 200_000
-
-_PROBLEM_KEYS = ("problem", "question")
 
 
 # ---------------------------------------------------------------------------- answer extraction
@@ -180,149 +173,14 @@ def warmup() -> None:
 
 # ---------------------------------------------------------------------------- loading
 
-
-@dataclass(frozen=True)
-class MathRecord:
-    problem: str
-    answer: str
-    source: str  # "path:line" for messages and ids
-
-
-def _field(obj: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any] | None:
-    lowered = {k.lower(): k for k in obj if isinstance(k, str)}
-    for name in names:
-        if name in lowered:
-            key = lowered[name]
-            return key, obj[key]
-    return None
-
-
-def _record(obj: Any, path: str, line: int | None) -> MathRecord:
-    if not isinstance(obj, dict):
-        raise InputFileError(path, f"expected a JSON object, got {type(obj).__name__}", line=line)
-    found = _field(obj, _PROBLEM_KEYS)
-    if found is None:
-        raise InputFileError(path, "missing (need 'problem' or 'question')", line, "problem")
-    key, problem = found
-    if not isinstance(problem, str):
-        raise InputFileError(path, f"must be a string, got {type(problem).__name__}", line, key)
-    if not problem.strip():
-        raise InputFileError(path, "is empty", line, key)
-    ans = _field(obj, ("answer",))
-    if ans is not None:
-        key, answer = ans
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise InputFileError(
-                path, f"must be a string or a number, got {type(answer).__name__}", line, key
-            )
-        if isinstance(answer, float) and not math.isfinite(answer):
-            raise InputFileError(path, f"must be a finite number, got {answer}", line, key)
-        answer = str(answer).strip()
-        if not answer:
-            raise InputFileError(path, "is empty", line, key)
-    else:
-        sol = _field(obj, ("solution",))
-        if sol is None:
-            raise InputFileError(
-                path, "missing (need 'answer', or a 'solution' with \\boxed{})", line, "answer"
-            )
-        key, solution = sol
-        if not isinstance(solution, str):
-            raise InputFileError(
-                path, f"must be a string, got {type(solution).__name__}", line, key
-            )
-        boxed = last_boxed(solution)
-        if boxed is None or not boxed.strip():
-            raise InputFileError(path, "has no \\boxed{...} answer", line, key)
-        answer = boxed.strip()
-    where = f"{path}:{line}" if line is not None else path
-    return MathRecord(problem=problem, answer=answer, source=where)
-
-
-def _json_problem(e: Exception) -> str:
-    """What json.loads rejected beyond syntax: deep nesting, an integer too long to convert."""
-    if isinstance(e, RecursionError):
-        return "invalid JSON: nested too deeply"
-    return f"invalid JSON: {str(e)[:200]}"
-
-
-def _load_jsonl(path: Path) -> list[MathRecord]:
-    data = path.read_bytes()
-    records = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputFileError(
-                str(path), f"not valid UTF-8 ({e.reason} at byte {e.start})", lineno
-            ) from None
-        if lineno == 1:
-            text = text.removeprefix("\ufeff")
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputFileError(
-                str(path), f"invalid JSON: {e.msg} (column {e.colno})", lineno
-            ) from None
-        except (ValueError, RecursionError) as e:
-            raise InputFileError(str(path), _json_problem(e), lineno) from None
-        records.append(_record(obj, str(path), lineno))
-    return records
-
-
-def _load_json_array(path: Path) -> list[MathRecord]:
-    try:
-        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise InputFileError(str(path), f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        return []
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputFileError(
-            str(path), f"invalid JSON: {e.msg} (column {e.colno})", e.lineno
-        ) from None
-    except (ValueError, RecursionError) as e:
-        raise InputFileError(str(path), _json_problem(e)) from None
-    if not isinstance(obj, list):
-        raise InputFileError(str(path), "expected a JSON array of objects (or use .jsonl)")
-    return [_record(o, str(path), i) for i, o in enumerate(obj, start=1)]
-
-
-def _load_parquet(path: Path) -> list[MathRecord]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise InputFileError(
-            str(path), "reading Parquet needs pyarrow (pip install pyarrow), or convert to .jsonl"
-        ) from None
-    try:
-        rows = pq.read_table(str(path)).to_pylist()
-    except Exception as e:
-        raise InputFileError(str(path), f"cannot read Parquet: {e}") from None
-    return [_record(o, str(path), i) for i, o in enumerate(rows, start=1)]
+MathRecord = Record  # a math problem's record (prompt text, answer, source)
 
 
 def load_math_file(path: str | Path) -> list[MathRecord]:
-    """All records of a JSONL / JSON / Parquet file; raises InputFileError on any bad record."""
-    p = Path(path)
-    if p.is_dir():
-        raise InputFileError(str(p), "is a directory, not a data file")
-    if not p.is_file():
-        raise InputFileError(str(p), "no such file")
-    suffix = p.suffix.lower()
-    if suffix == ".parquet":
-        records = _load_parquet(p)
-    elif suffix == ".json":
-        records = _load_json_array(p)
-    else:
-        records = _load_jsonl(p)
-    if not records:
-        raise InputFileError(str(p), "is empty (no records)")
-    return records
+    """All records of a math data file (see :mod:`sortedrl.tasks.data` for the formats); raises
+    InputFileError on any bad record."""
+    source, rows = read_rows(path)
+    return [to_record(obj, source, line) for obj, line in rows]
 
 
 def load_eval_set(name: str, path: str | Path) -> list[Problem]:
@@ -332,88 +190,21 @@ def load_eval_set(name: str, path: str | Path) -> list[Problem]:
     """
     if name not in EVAL_SETS:
         raise ConfigError(f"unknown eval set {name!r}; known: {', '.join(EVAL_SETS)}")
+    task = MathTask(path=str(path))
     records = load_math_file(path)
-    return [_to_problem(r, f"{name}/{i}", PROMPT_TEMPLATE) for i, r in enumerate(records)]
-
-
-def _to_problem(r: MathRecord, prompt_id: str, template: str) -> Problem:
-    return Problem(
-        prompt_id=prompt_id,
-        prompt=template.format(problem=r.problem),
-        answer=r.answer,
-        meta={"source": r.source},
-    )
+    return [task.to_problem(r, f"{name}/{i}") for i, r in enumerate(records)]
 
 
 # ---------------------------------------------------------------------------- the task
 
 
 @dataclass(frozen=True)
-class MathTask:
-    """Math problems from `path` (train) and `test_path` (test).
+class MathTask(DatasetTask):
+    """Math problems from `path` (train) and `test_path` (test): the dataset task with the
+    step-by-step ``\\boxed{}`` instruction as its prompt template (see
+    :class:`~sortedrl.tasks.dataset.DatasetTask` for splits, epochs and keys)."""
 
-    Without `test_path`, the records of `path` are split by a hash of the problem text
-    (`test_percent` of them go to test), so the splits are disjoint and stable. `problems`
-    shuffles with `seed` and cycles through the split when more problems are asked for than
-    it holds. `prompt_template` must contain ``{problem}``.
-    """
-
-    path: str
-    test_path: str | None = None
-    test_percent: int = 10
     prompt_template: str = PROMPT_TEMPLATE
     name: str = "math"
-    _records: dict[str, list[MathRecord]] = field(default_factory=dict, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if "{problem}" not in self.prompt_template:
-            raise ConfigError("math task: prompt_template must contain '{problem}'")
-        if not 0 <= self.test_percent < 100:
-            raise ConfigError(f"math task: test_percent must be in 0..99, got {self.test_percent}")
-
-    def records(self, split: str) -> list[MathRecord]:
-        if split not in ("train", "test"):
-            raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
-        if split not in self._records:
-            if self.test_path is not None:
-                recs = load_math_file(self.path if split == "train" else self.test_path)
-            else:
-                recs = [
-                    r
-                    for r in load_math_file(self.path)
-                    if (zlib.crc32(r.problem.encode("utf-8", "replace")) % 100 < self.test_percent)
-                    == (split == "test")
-                ]
-                if not recs:
-                    raise InputFileError(self.path, f"no problems fall in the {split} split")
-            self._records[split] = recs
-        return self._records[split]
-
-    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
-        recs = self.records(split)
-        rng = random.Random(f"math/{split}/{seed}")
-        out: list[Problem] = []
-        while len(out) < n:
-            order = list(range(len(recs)))
-            rng.shuffle(order)
-            for j in order[: n - len(out)]:
-                out.append(
-                    _to_problem(recs[j], f"math/{split}/{seed}/{len(out)}", self.prompt_template)
-                )
-        return out
-
-    def score(self, problem: Problem, response: str) -> Score:
-        return score_response(problem, response)
-
-    def warmup(self) -> None:
-        warmup()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Workers only score: do not ship the loaded records to them.
-        state = dict(self.__dict__)
-        state["_records"] = {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            object.__setattr__(self, k, v)
+    answer_from_last_line = False  # the prompt asks for \boxed{}: an unmarked answer is none

@@ -1,4 +1,5 @@
-"""Tasks by name: `get_task("reverse")`, `get_task("math", path="train.jsonl")`."""
+"""Tasks by name: `get_task("reverse")`, `get_task("math", path="train.jsonl")`, and the task a
+`task` config section describes: `build_task(task_cfg)`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sortedrl.errors import ConfigError
 
 def _task_classes() -> dict[str, type]:
     from sortedrl.tasks.countdown import SyntheticTask
+    from sortedrl.tasks.dataset import DatasetTask
     from sortedrl.tasks.knights_knaves import KnightsKnavesTask
     from sortedrl.tasks.math import MathTask
     from sortedrl.tasks.reverse import ReverseTask
@@ -19,10 +21,11 @@ def _task_classes() -> dict[str, type]:
         "countdown": SyntheticTask,
         "knights_knaves": KnightsKnavesTask,
         "math": MathTask,
+        "dataset": DatasetTask,
     }
 
 
-TASK_NAMES = ("reverse", "countdown", "knights_knaves", "math")
+TASK_NAMES = ("reverse", "countdown", "knights_knaves", "math", "dataset")
 
 
 def get_task(name: str, **kwargs: Any) -> Any:
@@ -39,15 +42,27 @@ def get_task(name: str, **kwargs: Any) -> Any:
             f"task {name!r}: unknown option(s) {', '.join(unknown)}; "
             f"options: {', '.join(allowed) or '(none)'}"
         )
-    if name == "math" and not kwargs.get("path"):
-        raise ConfigError("task 'math' needs a path: a .jsonl, .json or .parquet file of problems")
+    if name in ("math", "dataset") and not kwargs.get("path"):
+        raise ConfigError(
+            f"task {name!r} needs a path: a .jsonl, .json or .parquet file of problems, or a "
+            "directory saved with datasets"
+        )
     return cls(**kwargs)
 
 
 def build_task(task_cfg: Any) -> Any:
-    """The task a config's `task` section names (`cfg.task`), with its data files."""
-    if task_cfg.name == "math":
-        return get_task("math", path=task_cfg.path, test_path=task_cfg.eval_path)
-    if task_cfg.path or task_cfg.eval_path:
-        raise ConfigError(f"task.path: only the math task reads a file, not {task_cfg.name!r}")
-    return get_task(task_cfg.name)
+    """The task of a `task` config section (`sortedrl.config.TaskSection`)."""
+    t = task_cfg
+    if t.name not in ("math", "dataset"):
+        return get_task(t.name)
+    kwargs: dict[str, Any] = {
+        "path": t.path,
+        "test_path": t.eval_path,
+        "prompt_key": t.prompt_key,
+        "answer_key": t.answer_key,
+        # Your own reward functions may need no reference answer; the task's verifier does.
+        "answer_required": not t.reward_fns,
+    }
+    if t.prompt_template is not None:
+        kwargs["prompt_template"] = t.prompt_template
+    return get_task(t.name, **kwargs)

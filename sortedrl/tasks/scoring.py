@@ -1,10 +1,11 @@
 """The one scorer of a run: training rewards and every evaluation go through it.
 
 `make_scorer(task_cfg, task)` returns a `RewardRunner` (see `sortedrl.tasks.rewards`) that
-scores with `task_cfg.reward_fn` when one is set, else with the task's own verifier, under the
-size limit always and, in worker processes, under the hard time limit
-`task_cfg.reward_timeout_s`. Worker processes are used for whatever is not a built-in
-linear-time verifier (math, your own reward_fn), or as `task_cfg.reward_workers` says.
+scores with your own `task_cfg.reward_fns` (weighted, the task's verifier judging accuracy)
+when they are set, else with the task's own verifier, under the size limit always and, in
+worker processes, under the hard time limit `task_cfg.reward_timeout_s`. Worker processes are
+used for whatever is not a built-in linear-time verifier (the math-verify of the `math` and
+`dataset` tasks, your own reward_fns), or as `task_cfg.reward_workers` says.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from sortedrl.tasks.base import Problem, Score
 
 #: Reward workers when `task.reward_workers` is empty and the scorer is untrusted.
 DEFAULT_SANDBOX_WORKERS = 2
+#: Tasks whose verifier runs sympy (math-verify) on model output.
+SANDBOXED_TASKS = ("math", "dataset")
 
 
 class Scorer(Protocol):
@@ -32,15 +35,25 @@ def sandbox_workers(task_cfg: Any) -> int:
     """Worker processes for `task_cfg`: its `reward_workers`, or the default by what scores."""
     if task_cfg.reward_workers is not None:
         return int(task_cfg.reward_workers)
-    untrusted = bool(task_cfg.reward_fn) or task_cfg.name == "math"
+    untrusted = bool(task_cfg.reward_fns) or task_cfg.name in SANDBOXED_TASKS
     return DEFAULT_SANDBOX_WORKERS if untrusted else 0
 
 
-def make_scorer(task_cfg: Any, task: Any) -> Scorer:
-    """A `Scorer` for `task` per the `task` section (`reward_fn`, timeout, workers)."""
-    from sortedrl.tasks.rewards import RewardRunner, load_reward_fn
+def reward_target(task_cfg: Any, task: Any) -> Any:
+    """What scores one response: the weighted user functions, or else the task itself."""
+    if task_cfg.reward_fns:
+        from sortedrl.tasks.user_rewards import load_reward_fns
 
-    target: Any = load_reward_fn(task_cfg.reward_fn) if task_cfg.reward_fn else task
+        return load_reward_fns(task_cfg.reward_fns, task_cfg.reward_weights, judge=task)
+    return task
+
+
+def make_scorer(task_cfg: Any, task: Any) -> Scorer:
+    """A `Scorer` for `task` per the `task` section (`reward_fns`, timeout, workers)."""
+    from sortedrl.tasks.rewards import RewardRunner
+
     return RewardRunner(
-        target, timeout_s=task_cfg.reward_timeout_s, workers=sandbox_workers(task_cfg)
+        reward_target(task_cfg, task),
+        timeout_s=task_cfg.reward_timeout_s,
+        workers=sandbox_workers(task_cfg),
     )

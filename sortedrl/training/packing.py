@@ -52,12 +52,19 @@ class Row:
         return float(self.mask.sum())
 
 
+MAX_LENGTH_RATIO = 2
+"""Longest over shortest sequence of one micro-batch: padding stays under half its tokens."""
+
+
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group indices into micro-batches whose padded size `n * longest` is at most `max_tokens`.
+    """Group indices into micro-batches whose padded size `n * longest` is at most `max_tokens`
+    and whose longest sequence is at most `MAX_LENGTH_RATIO` times its shortest.
 
     Indices are sorted by length (ties by index, so the plan is deterministic) and packed
     greedily from the shortest; a sequence longer than the budget gets a micro-batch alone.
-    Returned micro-batches run from short to long.
+    Returned micro-batches run from short to long. The length ratio bounds the padding: with
+    long-tailed response lengths one micro-batch of everything was more than half padding, and
+    on a CPU the update's cost follows the padded tokens (`train/padding_frac` reports it).
     """
     if max_tokens < 1:
         raise ValueError("max_tokens must be >= 1")
@@ -66,7 +73,10 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
     current: list[int] = []
     for i in order:
         # sorted ascending, so the newcomer is the longest of the micro-batch
-        if current and (len(current) + 1) * lengths[i] > max_tokens:
+        if current and (
+            (len(current) + 1) * lengths[i] > max_tokens
+            or lengths[i] > MAX_LENGTH_RATIO * lengths[current[0]]
+        ):
             plan.append(current)
             current = []
         current.append(i)
