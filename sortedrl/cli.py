@@ -63,6 +63,26 @@ def main() -> None:
     help="sorted: auto = round for drop, fill for keep",
 )
 @click.option("--async-rollout-gpus", type=int, default=None, help="default: best of all splits")
+@click.option(
+    "--epochs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="passes over the prompts; each draws fresh lengths from the prompt's distribution",
+)
+@click.option(
+    "--submit-order",
+    type=click.Choice(["fifo", "longest_predicted"]),
+    default="fifo",
+    show_default=True,
+    help="queue order within a priority class (SchedulerConfig.submit_order)",
+)
+@click.option(
+    "--update-pacing/--no-update-pacing",
+    default=False,
+    show_default=True,
+    help="sorted: hold updates back by the pacing cost model (SchedulerConfig.update_pacing)",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="write the results here")
 @click.option("--plot", "plot_path", type=click.Path(), help="write a PNG here")
@@ -101,6 +121,9 @@ def simulate(**kw: Any) -> None:
         admission=kw["admission"],
         seed=kw["seed"],
         async_rollout_gpus=kw["async_rollout_gpus"],
+        epochs=kw["epochs"],
+        submit_order=kw["submit_order"],
+        update_pacing=kw["update_pacing"],
     )
     with Progress(
         TextColumn("{task.description:>12}"),
@@ -111,7 +134,7 @@ def simulate(**kw: Any) -> None:
         console=console,
         transient=False,
     ) as bar:
-        tasks = {p: bar.add_task(p, total=kw["prompts"]) for p in policies}
+        tasks = {p: bar.add_task(p, total=kw["prompts"] * kw["epochs"]) for p in policies}
         doc = simulate(settings, workload, lambda name, n: bar.advance(tasks[name], n))
     timelines = doc.pop("_timelines")
     _print_sim_table(doc)

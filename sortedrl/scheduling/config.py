@@ -47,6 +47,19 @@ class SchedulerConfig(BaseModel):
         "auto: round with cache=drop, fill with cache=keep (what measured best, see README)",
     )
     max_new_tokens: int = Field(16384, ge=1, description="response length cap")
+    # --- length-aware scheduling (issue #10); off by default ----------------------------------
+    submit_order: Literal["fifo", "longest_predicted"] = Field(
+        "fifo",
+        description="order of the controller's queue within each priority class (protected, "
+        "resumed, fresh): in admission order (fifo), or the longest predicted remaining "
+        "length first, predicted from the prompt's length history (longest_predicted)",
+    )
+    update_pacing: bool = Field(
+        False,
+        description="sorted: hold an update back while groups it would push past the staleness "
+        "limit are predicted to complete soon, when the idle engine slots of the wait cost less "
+        "than the tokens restarting them would discard (cost model in scheduling/lengths.py)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerConfig:
@@ -55,7 +68,16 @@ class SchedulerConfig(BaseModel):
                 f"update_batch ({self.update_batch}) must not exceed rollout_batch "
                 f"({self.rollout_batch}): an update needs that many complete groups in flight"
             )
+        if self.update_pacing and self.policy != "sorted":
+            raise ValueError(
+                f"update_pacing applies to policy 'sorted' only (policy is '{self.policy}')"
+            )
         return self
+
+    @property
+    def uses_length_history(self) -> bool:
+        """Whether the controller keeps a per-prompt length history."""
+        return self.submit_order != "fifo" or self.update_pacing
 
     @property
     def staleness_limit(self) -> int | None:

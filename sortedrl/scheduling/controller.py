@@ -30,6 +30,7 @@ from typing import Any
 
 from sortedrl.scheduling.buffer import RolloutBuffer
 from sortedrl.scheduling.config import SchedulerConfig
+from sortedrl.scheduling.lengths import LengthHistory, plan_wait
 from sortedrl.scheduling.metrics import Ledger, UpdateRecord
 from sortedrl.scheduling.policies import Policy, make_policy
 from sortedrl.scheduling.protocol import (
@@ -56,8 +57,9 @@ class Controller:
         self._next_spec: PromptSpec | None = next(self._prompts, None)
         self._version = 0
         self._groups: dict[int, Group] = {}  # open groups by admission order
-        # Heap of (priority, ticket, seq); an entry is live only while seq.ticket == ticket.
-        self._queue: list[tuple[int, int, Seq]] = []
+        # Heap of (priority, rank, ticket, seq); an entry is live only while seq.ticket ==
+        # ticket. rank orders a priority class (0 for fifo, -predicted remaining length).
+        self._queue: list[tuple[int, float, int, Seq]] = []
         self._tickets = 0
         self._n_queued = 0
         self._n_protected = 0  # open protected groups, at most update_batch
@@ -67,6 +69,13 @@ class Controller:
         self._admitted = 0
         self._dropped_groups = 0
         self._in_update: list[Group] | None = None
+        # Length-aware scheduling (submit_order, update_pacing): see scheduling/lengths.py.
+        self._lengths = LengthHistory(config.max_new_tokens) if config.uses_length_history else None
+        self._steps = 0.0  # decode steps the engine has run, estimated from its reports
+        self._capacity = 0  # engine capacity, from the reports
+        self._submitted_at: dict[str, float] = {}  # request_id -> self._steps at submission
+        self._pace: tuple[float, list[Group]] | None = None  # a wait in progress
+        self._pace_decided = False  # this update's pacing decision is made
 
     # --- what policies look at ----------------------------------------------------------------
     @property
@@ -112,7 +121,7 @@ class Controller:
             self._admit(self.policy.prompts_to_admit(self, spare))
         out: list[Request] = []
         while self._queue and len(out) < free_slots:
-            _, ticket, seq = heapq.heappop(self._queue)
+            _, _, ticket, seq = heapq.heappop(self._queue)
             if seq.ticket == ticket and seq.state is SeqState.QUEUED:
                 self._n_queued -= 1
                 out.append(self._make_request(seq))
@@ -133,14 +142,17 @@ class Controller:
             for seq in group.seqs:
                 self._enqueue(seq, _ADMITTED)
 
-    def _enqueue(self, seq: Seq, priority: int) -> None:
+    def _enqueue(self, seq: Seq, priority: int, rank: float | None = None) -> None:
         if seq.group.protected:
             priority = _PROTECTED
         if seq.state is not SeqState.QUEUED or seq.ticket < 0:  # not yet counted as queued
             self._n_queued += 1
         seq.state = SeqState.QUEUED
         seq.ticket = self._tickets  # any older entry of this seq is now dead
-        heapq.heappush(self._queue, (priority, self._tickets, seq))
+        if rank is None:
+            longest = self.config.submit_order == "longest_predicted"
+            rank = -self._predicted_remaining(seq, seq.n_tokens) if longest else 0.0
+        heapq.heappush(self._queue, (priority, rank, self._tickets, seq))
         self._tickets += 1
 
     def _make_request(self, seq: Seq) -> Request:
@@ -151,6 +163,8 @@ class Controller:
         seq.submitted_prefix = seq.n_tokens
         seq.first_version = seq.oldest_version if seq.n_tokens else self._version
         self._running[rid] = seq
+        if self._lengths is not None:
+            self._submitted_at[rid] = self._steps
         spec = seq.group.spec
         return Request(
             request_id=rid,
@@ -161,6 +175,7 @@ class Controller:
             max_new_tokens=self.config.max_new_tokens,
             prompt_token_ids=spec.prompt_token_ids,
             resume=seq.content if seq.n_tokens else None,
+            epoch=spec.epoch,
         )
 
     # --- engine results -----------------------------------------------------------------------
@@ -179,11 +194,14 @@ class Controller:
             seq.content = gen.as_partial()
             seq.finish_reason = gen.finish_reason
             seq.reward = rewards[i] if rewards is not None else 0.0
+            if self._lengths is not None:
+                self._lengths.record(seq.group.prompt_id, gen.n_tokens)
             if self.buffer.add_finished(seq):
                 self._on_group_complete(seq.group)
 
     def _take_running(self, gen: Generation) -> Seq:
         seq = self._running.pop(gen.request_id, None)
+        self._submitted_at.pop(gen.request_id, None)
         if seq is None:
             raise RuntimeError(f"engine returned unknown or duplicate request {gen.request_id!r}")
         self.ledger.tokens_generated += gen.n_tokens - seq.submitted_prefix
@@ -233,7 +251,7 @@ class Controller:
         ):
             return False
         if complete >= self.config.update_batch:
-            return True
+            return not (self.config.update_pacing and self._pacing_holds())
         # End of data: train what is left rather than lose it.
         return self.exhausted and complete == len(self._groups)
 
@@ -241,6 +259,7 @@ class Controller:
         """The groups the next update trains: protected groups first, then in completion order
         (short first). The engine must have been paused first when the policy is colocated."""
         assert self._in_update is None, "an update is already in progress"
+        self._pace, self._pace_decided = None, False
         candidates = self.buffer.complete_groups()
         candidates.sort(key=lambda g: (not g.protected, _oldest(g), g.completed_seq))
         # At most update_batch groups are protected at once, so all of them fit here.
@@ -395,9 +414,83 @@ class Controller:
         counted). Returns how many responses were requeued."""
         lost = list(self._running.values())
         self._running.clear()
+        self._submitted_at.clear()
         for seq in lost:
             self._enqueue(seq, _RESUME)
         return len(lost)
+
+    # --- length-aware scheduling (issue #10): history, progress, update pacing ---------------
+    def observe_step(
+        self, tokens_generated: int, busy_slot_s: float, elapsed_s: float, capacity: int
+    ) -> None:
+        """An engine step's report. Every running response gains one token per decode step,
+        so tokens over mean occupancy advances the count of decode steps run, from which each
+        running response's progress is estimated (the controller sees tokens only at the end)."""
+        self._capacity = capacity
+        if elapsed_s > 0 and busy_slot_s > 0:
+            self._steps += tokens_generated * elapsed_s / busy_slot_s
+
+    def _progress(self, seq: Seq) -> float:
+        """Tokens a response holds: estimated for a running one, known for the rest."""
+        rid = seq.request_id
+        if seq.state is SeqState.GENERATING and rid in self._submitted_at:
+            return seq.submitted_prefix + self._steps - self._submitted_at[rid]
+        return float(seq.n_tokens)
+
+    def _predicted_remaining(self, seq: Seq, progress: float) -> float:
+        assert self._lengths is not None
+        return max(0.0, self._lengths.predict(seq.group.prompt_id, progress) - progress)
+
+    def _pacing_holds(self) -> bool:
+        """True while a planned wait before this update is still worth it (see `plan_wait`)."""
+        if not self._running:
+            return False
+        if self._pace is None:
+            if self._pace_decided:
+                return False
+            self._pace_decided = True  # one plan per update: a wait can only end early
+            self._pace = self._plan_pacing()
+            if self._pace is None:
+                return False
+        deadline, targets = self._pace
+        if self._steps >= deadline or all(g.state is not GroupState.ACTIVE for g in targets):
+            self._pace = None
+            return False
+        return True
+
+    def _plan_pacing(self) -> tuple[float, list[Group]] | None:
+        limit = self.config.staleness_limit
+        assert limit is not None  # update_pacing is for sorted, always bounded
+        at_risk: list[tuple[float, float, int]] = []  # (steps to complete, tokens held, order)
+        for group in self._groups.values():
+            if group.state is not GroupState.ACTIVE:
+                continue
+            versions = [v for v in (s.oldest_version for s in group.seqs) if v is not None]
+            if not versions or self._version + 1 - min(versions) <= limit:
+                continue
+            held, wait = 0.0, 0.0
+            for seq in group.seqs:
+                progress = self._progress(seq)
+                held += progress
+                if seq.state is not SeqState.FINISHED:
+                    wait = max(wait, self._predicted_remaining(seq, progress))
+            at_risk.append((wait, held, group.order))
+        running = [self._predicted_remaining(q, self._progress(q)) for q in self._running.values()]
+        cfg = self.config
+        room = 0
+        if cfg.effective_admission == "fill" and not self.exhausted:
+            room = max(0, cfg.rollout_batch - len(self._groups)) * cfg.group_size
+        plan = plan_wait(
+            [(w, h) for w, h, _ in at_risk],
+            running,
+            self._capacity,
+            self._n_queued + room,
+            cfg.update_batch,
+        )
+        if plan is None:
+            return None
+        wait, n = plan
+        return self._steps + wait, [self._groups[o] for _, _, o in sorted(at_risk)[:n]]
 
 
 def _oldest(group: Group) -> int:
@@ -437,7 +530,7 @@ def controller_state(ctl: Controller) -> dict[str, Any]:
         raise RuntimeError("checkpoint with responses still in the engine: pause it first")
     if ctl._in_update is not None:
         raise RuntimeError("checkpoint during an update")
-    queue = sorted(e for e in ctl._queue if e[2].ticket == e[1] and e[2].state is SeqState.QUEUED)
+    queue = sorted(e for e in ctl._queue if e[3].ticket == e[2] and e[3].state is SeqState.QUEUED)
     ledger = ctl.ledger
     return {
         "format": 1,
@@ -451,6 +544,7 @@ def controller_state(ctl: Controller) -> dict[str, Any]:
                 "prompt_id": g.spec.prompt_id,
                 "prompt_len": g.spec.prompt_len,
                 "prompt_token_ids": g.spec.prompt_token_ids,
+                "epoch": g.spec.epoch,
                 "order": g.order,
                 "round": g.round,
                 "state": g.state.value,
@@ -462,7 +556,7 @@ def controller_state(ctl: Controller) -> dict[str, Any]:
             }
             for g in ctl._groups.values()
         ],
-        "queue": [[p, s.group.order, s.index] for p, _, s in queue],
+        "queue": [[p, s.group.order, s.index, r] for p, r, _, s in queue],
         "complete": [g.order for g in ctl.buffer.complete_groups()],
         "completions": ctl.buffer._completions,
         "cached": [[s.group.order, s.index] for s in ctl.buffer._cached],
@@ -479,6 +573,7 @@ def controller_state(ctl: Controller) -> dict[str, Any]:
             "regenerations": ledger.regenerations,
             "updates": [asdict(u) for u in ledger.updates],
         },
+        "lengths": lengths_state(ctl),
     }
 
 
@@ -505,7 +600,9 @@ def restore_controller(
     ctl._dropped_groups = state["dropped_groups"]
     ctl._next_request = state["next_request"]
     for gs in state["groups"]:
-        spec = PromptSpec(gs["prompt_id"], gs["prompt_len"], gs["prompt_token_ids"])
+        spec = PromptSpec(
+            gs["prompt_id"], gs["prompt_len"], gs["prompt_token_ids"], gs.get("epoch", 0)
+        )
         group = Group(spec, gs["order"], gs["round"])
         group.state = GroupState(gs["state"])
         group.n_finished = gs["n_finished"]
@@ -531,8 +628,9 @@ def restore_controller(
     ctl.buffer._completions = state["completions"]
     for order, index in state["cached"]:
         ctl.buffer._cached.append(groups[order].seqs[index])
-    for priority, order, index in state["queue"]:
-        ctl._enqueue(groups[order].seqs[index], priority)
+    restore_lengths(ctl, state.get("lengths"))  # before the queue: its ranks may use it
+    for priority, order, index, *rank in state["queue"]:
+        ctl._enqueue(groups[order].seqs[index], priority, rank[0] if rank else None)
     ctl._protect_waitlist.extend(groups[o] for o in state["protect_waitlist"])
     lg, ledger = state["ledger"], ctl.ledger
     ledger.prompts_admitted = lg["prompts_admitted"]
@@ -546,3 +644,19 @@ def restore_controller(
     ledger.regenerations = lg["regenerations"]
     ledger.updates = [UpdateRecord(**u) for u in lg["updates"]]
     return ctl
+
+
+# The length-aware part of the controller's state, one pair so it can move with the rest.
+def lengths_state(ctl: Controller) -> dict[str, Any]:
+    """Decode steps counted so far and the per-prompt length history (None when unused)."""
+    history = ctl._lengths
+    return {"steps": ctl._steps, "history": history.state_dict() if history else None}
+
+
+def restore_lengths(ctl: Controller, state: dict[str, Any] | None) -> None:
+    """Put back what `lengths_state` saved (a checkpoint without it starts a fresh history)."""
+    if state is None:
+        return
+    ctl._steps = float(state["steps"])
+    if ctl._lengths is not None and state["history"] is not None:
+        ctl._lengths.load_state_dict(state["history"])

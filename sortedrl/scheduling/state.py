@@ -42,6 +42,7 @@ class PromptSpec:
     prompt_id: str
     prompt_len: int
     prompt_token_ids: list[int] | None = None
+    epoch: int = 0  # which pass over the data this is (the same prompt_id recurs per epoch)
 
 
 @dataclass(eq=False)

@@ -40,6 +40,9 @@ class SimSettings:
     admission: str = "auto"
     seed: int = 0
     async_rollout_gpus: int | None = None  # None: try the splits and keep the best goodput
+    epochs: int = 1  # passes over the prompts; each pass draws fresh lengths per prompt
+    submit_order: str = "fifo"
+    update_pacing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,13 +104,18 @@ def scheduler_config(s: SimSettings, name: str, cap: int) -> SchedulerConfig:
             max_regenerations=s.max_regenerations,
             admission=s.admission,
             max_new_tokens=cap,
+            submit_order=s.submit_order,
+            update_pacing=s.update_pacing and policy == "sorted",
         )
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
 
 
-def _prompt_specs(workload: Workload, spec: ClusterSpec, n: int) -> list[PromptSpec]:
-    return [PromptSpec(pid, spec.prompt_len) for pid in workload.prompt_ids()[:n]]
+def _prompt_specs(
+    workload: Workload, spec: ClusterSpec, n: int, epochs: int = 1
+) -> list[PromptSpec]:
+    ids = workload.prompt_ids()[:n]
+    return [PromptSpec(pid, spec.prompt_len, epoch=e) for e in range(epochs) for pid in ids]
 
 
 def run_policy(
@@ -123,7 +131,7 @@ def run_policy(
     train_gpus = spec.gpus - rollout_gpus if rollout_gpus is not None else spec.gpus
     engine = SimulatedEngine(spec, workload, gpus=engine_gpus)
     trainer = CostModelTrainer(spec, gpus=train_gpus)
-    controller = Controller(cfg, _prompt_specs(workload, spec, s.prompts))
+    controller = Controller(cfg, _prompt_specs(workload, spec, s.prompts, s.epochs))
 
     def on_update(record, batch, result) -> None:
         if progress is not None:
@@ -146,6 +154,8 @@ def simulate(
     """Run every policy; returns the JSON document (`{"policies": {...}, "settings": ...}`)."""
     spec = get_preset(s.preset)
     CostModel(spec)  # validate the preset fits before spending time
+    if s.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {s.epochs}")
     if s.prompts > len(workload):
         raise ConfigError(f"--prompts {s.prompts} exceeds the {len(workload)} prompts of the trace")
     for name in s.policies:  # every setting checked before any time is spent
