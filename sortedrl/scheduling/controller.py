@@ -150,8 +150,7 @@ class Controller:
         seq.state = SeqState.QUEUED
         seq.ticket = self._tickets  # any older entry of this seq is now dead
         if rank is None:
-            longest = self.config.submit_order == "longest_predicted"
-            rank = -self._predicted_remaining(seq, seq.n_tokens) if longest else 0.0
+            rank = self._rank(seq)
         heapq.heappush(self._queue, (priority, rank, self._tickets, seq))
         self._tickets += 1
 
@@ -440,6 +439,12 @@ class Controller:
     def _predicted_remaining(self, seq: Seq, progress: float) -> float:
         assert self._lengths is not None
         return max(0.0, self._lengths.predict(seq.group.prompt_id, progress) - progress)
+
+    def _rank(self, seq: Seq) -> float:
+        """Order within a priority class (lower first); see `SchedulerConfig.submit_order`."""
+        if self.config.submit_order == "fifo":
+            return 0.0
+        return -self._predicted_remaining(seq, seq.n_tokens)
 
     def _pacing_holds(self) -> bool:
         """True while a planned wait before this update is still worth it (see `plan_wait`)."""
