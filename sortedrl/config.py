@@ -82,6 +82,8 @@ class SchedulerSection(BaseModel):
     max_regenerations: int = Field(2, ge=0)
     admission: Literal["auto", "round", "fill"] = "auto"
     filter_equal_rewards: bool = False
+    submit_order: Literal["fifo", "longest_predicted"] = "fifo"
+    update_pacing: bool = False
 
 
 class EvalSection(BaseModel):
