@@ -467,11 +467,13 @@ class Controller:
         limit = self.config.staleness_limit
         assert limit is not None  # update_pacing is for sorted, always bounded
         at_risk: list[tuple[float, float, int]] = []  # (steps to complete, tokens held, order)
+        room = self.config.update_batch  # the update trains complete groups oldest first:
         for group in self._groups.values():
-            if group.state is not GroupState.ACTIVE:
-                continue
             versions = [v for v in (s.oldest_version for s in group.seqs) if v is not None]
             if not versions or self._version + 1 - min(versions) <= limit:
+                continue
+            if group.state is not GroupState.ACTIVE:
+                room -= 1  # a complete group at risk goes ahead of any group saved by waiting
                 continue
             held, wait = 0.0, 0.0
             for seq in group.seqs:
@@ -482,15 +484,11 @@ class Controller:
             at_risk.append((wait, held, group.order))
         running = [self._predicted_remaining(q, self._progress(q)) for q in self._running.values()]
         cfg = self.config
-        room = 0
+        admit = 0
         if cfg.effective_admission == "fill" and not self.exhausted:
-            room = max(0, cfg.rollout_batch - len(self._groups)) * cfg.group_size
+            admit = max(0, cfg.rollout_batch - len(self._groups)) * cfg.group_size
         plan = plan_wait(
-            [(w, h) for w, h, _ in at_risk],
-            running,
-            self._capacity,
-            self._n_queued + room,
-            cfg.update_batch,
+            [(w, h) for w, h, _ in at_risk], running, self._capacity, self._n_queued + admit, room
         )
         if plan is None:
             return None

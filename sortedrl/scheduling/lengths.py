@@ -88,7 +88,7 @@ def plan_wait(
     `max_groups`: how many saved groups the update can train. Returns (steps to wait,
     groups it saves), or None when waiting does not pay.
     """
-    if not at_risk or capacity <= 0:
+    if not at_risk or capacity <= 0 or max_groups <= 0:
         return None
     finishes = sorted(running_remaining)
     busy0 = len(finishes)
