@@ -73,6 +73,7 @@ class Controller:
         self._lengths = LengthHistory(config.max_new_tokens) if config.uses_length_history else None
         self._steps = 0.0  # decode steps the engine has run, estimated from its reports
         self._capacity = 0  # engine capacity, from the reports
+        self._occupancy = 0.0  # sequences the engine actually ran in its last step
         self._submitted_at: dict[str, float] = {}  # request_id -> self._steps at submission
         self._pace: tuple[float, list[Group]] | None = None  # a wait in progress
         self._pace_decided = False  # this update's pacing decision is made
@@ -428,6 +429,7 @@ class Controller:
         self._capacity = capacity
         if elapsed_s > 0 and busy_slot_s > 0:
             self._steps += tokens_generated * elapsed_s / busy_slot_s
+            self._occupancy = busy_slot_s / elapsed_s
 
     def _progress(self, seq: Seq) -> float:
         """Tokens a response holds: estimated for a running one, known for the rest."""
@@ -487,8 +489,10 @@ class Controller:
         admit = 0
         if cfg.effective_admission == "fill" and not self.exhausted:
             admit = max(0, cfg.rollout_batch - len(self._groups)) * cfg.group_size
+        # A KV-bound engine runs fewer than its capacity; what it ran last is what it can run.
+        usable = min(self._capacity, max(1, round(self._occupancy)))
         plan = plan_wait(
-            [(w, h) for w, h, _ in at_risk], running, self._capacity, self._n_queued + admit, room
+            [(w, h) for w, h, _ in at_risk], running, usable, self._n_queued + admit, room
         )
         if plan is None:
             return None

@@ -99,7 +99,7 @@ def plan_wait(
         # Idle slot-steps between t_prev and `wait`, piecewise over the finishes.
         while t_prev < wait:
             t_next = finishes[k] if k < len(finishes) and finishes[k] < wait else wait
-            idle = max(0, capacity - (busy0 - k) - refill)
+            idle = max(0, capacity - min(capacity, busy0 - k + refill))
             idle_cost += idle * (t_next - t_prev)
             t_prev = t_next
             while k < len(finishes) and finishes[k] <= t_prev:
