@@ -149,3 +149,16 @@ def test_bad_trace_names_file_line_and_field(tmp_path, line, field):
     if field:
         assert field in res.output
     assert not out.exists()
+
+
+def test_epochs_replay_the_prompts(tmp_path):
+    out = tmp_path / "r.json"
+    args = [*SMALL, "--policies", "sync,sorted", "--epochs", "3", "--json", str(out)]
+    res = _run([*args, "--update-pacing", "--submit-order", "longest_predicted"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["epochs"] == 3 and doc["settings"]["update_pacing"] is True
+    for summary in doc["policies"].values():
+        assert summary["prompts_admitted"] == summary["prompts_trained"] == 120
+    res = _run([*SMALL, "--policies", "sync", "--epochs", "0"])
+    assert res.exit_code == 2 and "--epochs must be >= 1" in res.output

@@ -17,7 +17,9 @@ in slot-steps (one engine slot for one decode step; a generated token costs one)
   policy may still admit) refills them.
 
 Waiting for the groups predicted to complete first saves their tokens; the plan picks the
-wait that saves the most net of its cost, or none when no wait pays for itself.
+wait that saves the most net of its cost, or none when no wait pays for itself. Not counted:
+groups that complete during the wait beyond what the update trains wait for later updates,
+which then come sooner, and may go stale themselves.
 """
 
 from __future__ import annotations
