@@ -30,7 +30,7 @@ from typing import Any
 
 from sortedrl.scheduling.buffer import RolloutBuffer
 from sortedrl.scheduling.config import SchedulerConfig
-from sortedrl.scheduling.lengths import LengthHistory, plan_wait
+from sortedrl.scheduling.lengths import LengthTracker
 from sortedrl.scheduling.metrics import Ledger, UpdateRecord
 from sortedrl.scheduling.policies import Policy, make_policy
 from sortedrl.scheduling.protocol import (
@@ -70,13 +70,7 @@ class Controller:
         self._dropped_groups = 0
         self._in_update: list[Group] | None = None
         # Length-aware scheduling (submit_order, update_pacing): see scheduling/lengths.py.
-        self._lengths = LengthHistory(config.max_new_tokens) if config.uses_length_history else None
-        self._steps = 0.0  # decode steps the engine has run, estimated from its reports
-        self._capacity = 0  # engine capacity, from the reports
-        self._occupancy = 0.0  # sequences the engine actually ran in its last step
-        self._submitted_at: dict[str, float] = {}  # request_id -> self._steps at submission
-        self._pace: tuple[float, list[Group]] | None = None  # a wait in progress
-        self._pace_decided = False  # this update's pacing decision is made
+        self._lengths = LengthTracker(config.max_new_tokens) if config.uses_length_history else None
 
     # --- what policies look at ----------------------------------------------------------------
     @property
@@ -151,7 +145,8 @@ class Controller:
         seq.state = SeqState.QUEUED
         seq.ticket = self._tickets  # any older entry of this seq is now dead
         if rank is None:
-            rank = self._rank(seq)
+            ordered = self._lengths is not None and self.config.submit_order != "fifo"
+            rank = self._lengths.rank(seq) if ordered else 0.0  # type: ignore[union-attr]
         heapq.heappush(self._queue, (priority, rank, self._tickets, seq))
         self._tickets += 1
 
@@ -164,7 +159,7 @@ class Controller:
         seq.first_version = seq.oldest_version if seq.n_tokens else self._version
         self._running[rid] = seq
         if self._lengths is not None:
-            self._submitted_at[rid] = self._steps
+            self._lengths.submitted(rid)
         spec = seq.group.spec
         return Request(
             request_id=rid,
@@ -195,13 +190,14 @@ class Controller:
             seq.finish_reason = gen.finish_reason
             seq.reward = rewards[i] if rewards is not None else 0.0
             if self._lengths is not None:
-                self._lengths.record(seq.group.prompt_id, gen.n_tokens)
+                self._lengths.history.record(seq.group.prompt_id, gen.n_tokens)
             if self.buffer.add_finished(seq):
                 self._on_group_complete(seq.group)
 
     def _take_running(self, gen: Generation) -> Seq:
         seq = self._running.pop(gen.request_id, None)
-        self._submitted_at.pop(gen.request_id, None)
+        if self._lengths is not None:
+            self._lengths.returned(gen.request_id)
         if seq is None:
             raise RuntimeError(f"engine returned unknown or duplicate request {gen.request_id!r}")
         self.ledger.tokens_generated += gen.n_tokens - seq.submitted_prefix
@@ -259,7 +255,8 @@ class Controller:
         """The groups the next update trains: protected groups first, then in completion order
         (short first). The engine must have been paused first when the policy is colocated."""
         assert self._in_update is None, "an update is already in progress"
-        self._pace, self._pace_decided = None, False
+        if self._lengths is not None:
+            self._lengths.new_update()
         candidates = self.buffer.complete_groups()
         candidates.sort(key=lambda g: (not g.protected, _oldest(g), g.completed_seq))
         # At most update_batch groups are protected at once, so all of them fit here.
@@ -414,90 +411,33 @@ class Controller:
         counted). Returns how many responses were requeued."""
         lost = list(self._running.values())
         self._running.clear()
-        self._submitted_at.clear()
+        if self._lengths is not None:
+            self._lengths.forget_running()
         for seq in lost:
             self._enqueue(seq, _RESUME)
         return len(lost)
 
-    # --- length-aware scheduling (issue #10): history, progress, update pacing ---------------
+    # --- length-aware scheduling (issue #10): see scheduling/lengths.py ---------------------
     def observe_step(
         self, tokens_generated: int, busy_slot_s: float, elapsed_s: float, capacity: int
     ) -> None:
-        """An engine step's report. Every running response gains one token per decode step,
-        so tokens over mean occupancy advances the count of decode steps run, from which each
-        running response's progress is estimated (the controller sees tokens only at the end)."""
-        self._capacity = capacity
-        if elapsed_s > 0 and busy_slot_s > 0:
-            self._steps += tokens_generated * elapsed_s / busy_slot_s
-            self._occupancy = busy_slot_s / elapsed_s
-
-    def _progress(self, seq: Seq) -> float:
-        """Tokens a response holds: estimated for a running one, known for the rest."""
-        rid = seq.request_id
-        if seq.state is SeqState.GENERATING and rid in self._submitted_at:
-            return seq.submitted_prefix + self._steps - self._submitted_at[rid]
-        return float(seq.n_tokens)
-
-    def _predicted_remaining(self, seq: Seq, progress: float) -> float:
-        assert self._lengths is not None
-        return max(0.0, self._lengths.predict(seq.group.prompt_id, progress) - progress)
-
-    def _rank(self, seq: Seq) -> float:
-        """Order within a priority class (lower first); see `SchedulerConfig.submit_order`."""
-        if self.config.submit_order == "fifo":
-            return 0.0
-        return -self._predicted_remaining(seq, seq.n_tokens)
+        """An engine step's report (what the length tracker estimates progress from)."""
+        if self._lengths is not None:
+            self._lengths.observe_step(tokens_generated, busy_slot_s, elapsed_s, capacity)
 
     def _pacing_holds(self) -> bool:
-        """True while a planned wait before this update is still worth it (see `plan_wait`)."""
-        if not self._running:
-            return False
-        if self._pace is None:
-            if self._pace_decided:
-                return False
-            self._pace_decided = True  # one plan per update: a wait can only end early
-            self._pace = self._plan_pacing()
-            if self._pace is None:
-                return False
-        deadline, targets = self._pace
-        if self._steps >= deadline or all(g.state is not GroupState.ACTIVE for g in targets):
-            self._pace = None
-            return False
-        return True
-
-    def _plan_pacing(self) -> tuple[float, list[Group]] | None:
-        limit = self.config.staleness_limit
-        assert limit is not None  # update_pacing is for sorted, always bounded
-        at_risk: list[tuple[float, float, int]] = []  # (steps to complete, tokens held, order)
-        room = self.config.update_batch  # the update trains complete groups oldest first:
-        for group in self._groups.values():
-            versions = [v for v in (s.oldest_version for s in group.seqs) if v is not None]
-            if not versions or self._version + 1 - min(versions) <= limit:
-                continue
-            if group.state is not GroupState.ACTIVE:
-                room -= 1  # a complete group at risk goes ahead of any group saved by waiting
-                continue
-            held, wait = 0.0, 0.0
-            for seq in group.seqs:
-                progress = self._progress(seq)
-                held += progress
-                if seq.state is not SeqState.FINISHED:
-                    wait = max(wait, self._predicted_remaining(seq, progress))
-            at_risk.append((wait, held, group.order))
-        running = [self._predicted_remaining(q, self._progress(q)) for q in self._running.values()]
-        cfg = self.config
+        assert self._lengths is not None  # update_pacing keeps a length history
         admit = 0
+        cfg = self.config
         if cfg.effective_admission == "fill" and not self.exhausted:
             admit = max(0, cfg.rollout_batch - len(self._groups)) * cfg.group_size
-        # A KV-bound engine runs fewer than its capacity; what it ran last is what it can run.
-        usable = min(self._capacity, max(1, round(self._occupancy)))
-        plan = plan_wait(
-            [(w, h) for w, h, _ in at_risk], running, usable, self._n_queued + admit, room
+        return self._lengths.pacing_holds(
+            cfg,
+            self._version,
+            self._groups.values(),
+            self._running.values(),
+            self._n_queued + admit,
         )
-        if plan is None:
-            return None
-        wait, n = plan
-        return self._steps + wait, [self._groups[o] for _, _, o in sorted(at_risk)[:n]]
 
 
 def _oldest(group: Group) -> int:
@@ -654,16 +594,14 @@ def restore_controller(
 
 
 # The length-aware part of the controller's state, one pair so it can move with the rest.
-def lengths_state(ctl: Controller) -> dict[str, Any]:
+def lengths_state(ctl: Controller) -> dict[str, Any] | None:
     """Decode steps counted so far and the per-prompt length history (None when unused)."""
-    history = ctl._lengths
-    return {"steps": ctl._steps, "history": history.state_dict() if history else None}
+    return None if ctl._lengths is None else ctl._lengths.state_dict()
 
 
 def restore_lengths(ctl: Controller, state: dict[str, Any] | None) -> None:
     """Put back what `lengths_state` saved (a checkpoint without it starts a fresh history)."""
     if state is None:
         return
-    ctl._steps = float(state["steps"])
-    if ctl._lengths is not None and state["history"] is not None:
-        ctl._lengths.load_state_dict(state["history"])
+    if ctl._lengths is not None:
+        ctl._lengths.load_state_dict(state)

@@ -1,5 +1,8 @@
 """Length history, prediction and update pacing for the `sorted` policy (pure Python).
 
+`LengthTracker` is what the controller holds when a length-aware setting is on
+(`SchedulerConfig.uses_length_history`); its state goes into the controller checkpoint.
+
 `LengthHistory` keeps the most recent finished lengths of each prompt, over epochs and over
 the siblings of the group in flight, and predicts how long a response runs given how far it
 has got: the mean of the prompt's recorded lengths that exceed its progress (lengths are
@@ -25,8 +28,11 @@ which then come sooner, and may go stale themselves.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
+
+from sortedrl.scheduling.config import SchedulerConfig
+from sortedrl.scheduling.state import Group, GroupState, Seq, SeqState
 
 # Most recent lengths kept per prompt: enough for a few epochs of a group of 8.
 HISTORY_WINDOW = 32
@@ -111,3 +117,133 @@ def plan_wait(
         if gain > 0 and (best is None or gain > best[0]):
             best = (gain, wait, n)
     return None if best is None else (best[1], best[2])
+
+
+class LengthTracker:
+    """The controller's length-aware state: the history, an estimate of each running
+    response's progress, and the update-pacing wait in progress.
+
+    Progress: every running response gains one token per decode step, so an engine step's
+    tokens over its mean occupancy advances a count of decode steps run; a running response
+    holds its resumed prefix plus the steps run since it was submitted (the controller sees
+    its tokens only when it returns).
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.history = LengthHistory(cap)
+        self.steps = 0.0  # decode steps the engine has run, estimated from its reports
+        self.capacity = 0  # engine capacity, from the reports
+        self.occupancy = 0.0  # sequences the engine actually ran in its last step
+        self._submitted_at: dict[str, float] = {}  # request_id -> steps at submission
+        self._pace: tuple[float, list[Group]] | None = None  # (deadline, groups waited for)
+        self._pace_decided = False  # this update's pacing decision is made
+
+    # --- progress ---------------------------------------------------------------------------
+    def observe_step(
+        self, tokens_generated: int, busy_slot_s: float, elapsed_s: float, capacity: int
+    ) -> None:
+        self.capacity = capacity
+        if elapsed_s > 0 and busy_slot_s > 0:
+            self.steps += tokens_generated * elapsed_s / busy_slot_s
+            self.occupancy = busy_slot_s / elapsed_s
+
+    def submitted(self, request_id: str) -> None:
+        self._submitted_at[request_id] = self.steps
+
+    def returned(self, request_id: str) -> None:
+        self._submitted_at.pop(request_id, None)
+
+    def forget_running(self) -> None:
+        """The engine died; what it ran is requeued."""
+        self._submitted_at.clear()
+
+    def progress(self, seq: Seq) -> float:
+        """Tokens a response holds: estimated for a running one, known for the rest."""
+        rid = seq.request_id
+        if seq.state is SeqState.GENERATING and rid in self._submitted_at:
+            return seq.submitted_prefix + self.steps - self._submitted_at[rid]
+        return float(seq.n_tokens)
+
+    def remaining(self, seq: Seq, progress: float) -> float:
+        return max(0.0, self.history.predict(seq.group.prompt_id, progress) - progress)
+
+    def rank(self, seq: Seq) -> float:
+        """Queue order for `submit_order=longest_predicted` (lower first)."""
+        return -self.remaining(seq, seq.n_tokens)
+
+    # --- update pacing ----------------------------------------------------------------------
+    def new_update(self) -> None:
+        self._pace, self._pace_decided = None, False
+
+    def pacing_holds(
+        self,
+        config: SchedulerConfig,
+        version: int,
+        groups: Iterable[Group],
+        running: Collection[Seq],
+        refill: int,
+    ) -> bool:
+        """True while a planned wait before the due update is still worth it. One plan per
+        update (`plan_wait`); the wait ends at its deadline or when the groups it waits for
+        are complete, whichever comes first. `refill`: responses that could take a freed
+        slot (queued, or admissible by the policy)."""
+        if not running:
+            return False
+        if self._pace is None:
+            if self._pace_decided:
+                return False
+            self._pace_decided = True
+            self._pace = self._plan(config, version, groups, running, refill)
+            if self._pace is None:
+                return False
+        deadline, targets = self._pace
+        if self.steps >= deadline or all(g.state is not GroupState.ACTIVE for g in targets):
+            self._pace = None
+            return False
+        return True
+
+    def _plan(
+        self,
+        config: SchedulerConfig,
+        version: int,
+        groups: Iterable[Group],
+        running: Collection[Seq],
+        refill: int,
+    ) -> tuple[float, list[Group]] | None:
+        limit = config.staleness_limit
+        assert limit is not None  # update_pacing is for sorted, always bounded
+        at_risk: list[tuple[float, float, Group]] = []  # (steps to complete, tokens held, group)
+        room = config.update_batch  # the update trains complete groups oldest first:
+        for group in groups:
+            versions = [v for v in (s.oldest_version for s in group.seqs) if v is not None]
+            if not versions or version + 1 - min(versions) <= limit:
+                continue
+            if group.state is not GroupState.ACTIVE:
+                room -= 1  # a complete group at risk goes ahead of any group saved by waiting
+                continue
+            held, wait = 0.0, 0.0
+            for seq in group.seqs:
+                progress = self.progress(seq)
+                held += progress
+                if seq.state is not SeqState.FINISHED:
+                    wait = max(wait, self.remaining(seq, progress))
+            at_risk.append((wait, held, group))
+        ahead = [self.remaining(q, self.progress(q)) for q in running]
+        # A KV-bound engine runs fewer than its capacity; what it ran last is what it can run.
+        usable = min(self.capacity, max(1, round(self.occupancy)))
+        plan = plan_wait([(w, h) for w, h, _ in at_risk], ahead, usable, refill, room)
+        if plan is None:
+            return None
+        wait, n = plan
+        at_risk.sort(key=lambda x: (x[0], x[1], x[2].order))
+        return self.steps + wait, [g for _, _, g in at_risk[:n]]
+
+    # --- checkpoint -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Taken between updates, with nothing running and no wait planned."""
+        return {"steps": self.steps, "history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = float(state["steps"])
+        if state.get("history") is not None:
+            self.history.load_state_dict(state["history"])
