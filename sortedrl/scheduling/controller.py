@@ -145,8 +145,9 @@ class Controller:
         seq.state = SeqState.QUEUED
         seq.ticket = self._tickets  # any older entry of this seq is now dead
         if rank is None:
-            ordered = self._lengths is not None and self.config.submit_order != "fifo"
-            rank = self._lengths.rank(seq) if ordered else 0.0  # type: ignore[union-attr]
+            rank = 0.0
+            if self._lengths is not None and self.config.submit_order != "fifo":
+                rank = self._lengths.rank(seq)
         heapq.heappush(self._queue, (priority, rank, self._tickets, seq))
         self._tickets += 1
 
