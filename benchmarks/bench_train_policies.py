@@ -94,17 +94,19 @@ def main() -> None:
             row["seed"] = seed
             runs[name].append(row)
             print(name, json.dumps(row), flush=True)
-        base = runs["sync"][-1] if "sync" in runs else None
-        for name in names:
-            r = runs[name][-1]
-            r["goodput_vs_sync"] = (
-                r["goodput_samples_per_s"] / base["goodput_samples_per_s"] if base else float("nan")
-            )
+        if "sync" in runs:  # ratios against sync of the same seed
+            base = runs["sync"][-1]["goodput_samples_per_s"]
+            for name in names:
+                r = runs[name][-1]
+                r["goodput_vs_sync"] = r["goodput_samples_per_s"] / base
     print(f"\n{len(seeds)} seed(s) {seeds}: mean ± std")
     print(f"{'policy':18s}" + "".join(f"{h:>18s}" for _, h, _ in COLUMNS))
     for name, rows in runs.items():
         cells = []
         for key, _, fmt in COLUMNS:
+            if key not in rows[0]:  # no sync in this run
+                cells.append("n/a")
+                continue
             m, sd = _mean_std([r[key] for r in rows])
             cells.append(f"{fmt.format(m)} ± {fmt.format(sd)}")
         print(f"{name:18s}" + "".join(f"{c:>18s}" for c in cells))
