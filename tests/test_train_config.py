@@ -34,7 +34,7 @@ def test_train_cli_model_and_resume_flags_stay_strings(tmp_path):
 
 def test_loading_a_config_does_not_import_torch(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("rollout:\n  group_size: 4\nscheduler:\n  policy: sync\n")
+    path.write_text("scheduler:\n  policy: sync\n  group_size: 4\n")
     code = textwrap.dedent(
         f"""
         import sys
