@@ -1,17 +1,21 @@
 """Real training, policy against policy: the same data, seeds, model and update batch.
 
-Runs `sortedrl train` once per policy (sync, sorted with keep and with drop, partial, async)
-on the embedded default (or the overrides you pass) and prints bubble ratio, goodput (trained
-tokens and samples per second of the run loop), wasted tokens, staleness and held-out accuracy
-before and after, with ratios against `sync` measured in the same run.
+Runs `sortedrl train` once per policy and seed (sync, sorted with keep and with drop, partial,
+async, and `sorted-paced`: sorted with update pacing and longest-predicted-first submission)
+on the embedded default (or the overrides you pass) and prints, per policy, the mean and the
+standard deviation over the seeds of bubble ratio, goodput (trained tokens and samples per
+second of the run loop) and its ratio to `sync` of the same seed, wasted tokens, staleness,
+the update's share of the loop and held-out accuracy after training.
 
-Run: python benchmarks/bench_train_policies.py [--out runs/policies] [KEY=VALUE ...]
+Run: python benchmarks/bench_train_policies.py [--out runs/policies] [--seeds 1,2,3]
+     [--policies sync,sorted-keep] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from sortedrl.commands.train import train
@@ -20,6 +24,12 @@ from sortedrl.config import load_config
 POLICIES = {
     "sync": ["scheduler.policy=sync"],
     "sorted-keep": ["scheduler.policy=sorted", "scheduler.cache=keep"],
+    "sorted-paced": [
+        "scheduler.policy=sorted",
+        "scheduler.cache=keep",
+        "scheduler.update_pacing=true",
+        "scheduler.submit_order=longest_predicted",
+    ],
     "sorted-keep-round": [
         "scheduler.policy=sorted",
         "scheduler.cache=keep",
@@ -30,52 +40,79 @@ POLICIES = {
     "async": ["scheduler.policy=async"],
 }
 
+COLUMNS = [
+    ("bubble_ratio", "bubble", "{:.1%}"),
+    ("goodput_samples_per_s", "smp/s", "{:.1f}"),
+    ("goodput_vs_sync", "vs sync", "{:.2f}"),
+    ("wasted_token_share", "wasted", "{:.1%}"),
+    ("mean_staleness_trained", "stale", "{:.2f}"),
+    ("update_share", "update", "{:.0%}"),
+    ("eval_after", "acc after", "{:.1%}"),
+]
+
+
+def _row(s: dict) -> dict:
+    loop = s["loop_time_s"]
+    return {
+        "bubble_ratio": s["bubble_ratio"],
+        "loop_time_s": loop,
+        "rollout_time_s": s["rollout_time_s"],
+        "update_time_s": s["update_time_s"],
+        "update_share": s["update_time_s"] / loop if loop else 0.0,
+        "goodput_tokens_per_s": s["tokens_trained"] / loop,
+        "goodput_samples_per_s": s["samples_trained"] / loop,
+        "wasted_token_share": s["wasted_token_share"],
+        "max_staleness_trained": s["max_staleness_trained"],
+        "mean_staleness_trained": s["mean_staleness_trained"],
+        "samples_trained": s["samples_trained"],
+        "eval_before": s["eval_before"]["accuracy"],
+        "eval_after": s["eval_after"]["accuracy"],
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/policies")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 1,2,3")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    rows = {}
-    for name in args.policies.split(","):
-        cfg = load_config(None, [*args.overrides, *POLICIES[name]])
-        s = train(cfg, Path(args.out) / name, progress=False, overwrite=True)  # a rerun replaces
-        loop = s["loop_time_s"]
-        rows[name] = {
-            "bubble_ratio": s["bubble_ratio"],
-            "loop_time_s": loop,
-            "rollout_time_s": s["rollout_time_s"],
-            "update_time_s": s["update_time_s"],
-            "goodput_tokens_per_s": s["tokens_trained"] / loop,
-            "goodput_samples_per_s": s["samples_trained"] / loop,
-            "wasted_token_share": s["wasted_token_share"],
-            "max_staleness_trained": s["max_staleness_trained"],
-            "samples_trained": s["samples_trained"],
-            "eval_before": s["eval_before"]["accuracy"],
-            "eval_after": s["eval_after"]["accuracy"],
-        }
-        print(name, json.dumps(rows[name]), flush=True)
-    base = rows.get("sync")
-    print(
-        f"\n{'policy':12s} {'bubble':>7s} {'vs sync':>7s} {'loop s':>7s} {'tok/s':>7s} "
-        f"{'vs sync':>7s} {'smp/s':>6s} {'wasted':>7s} {'stale':>5s} {'acc before->after':>18s}"
-    )
-    for name, r in rows.items():
-        vb = (
-            r["bubble_ratio"] / base["bubble_ratio"]
-            if base and base["bubble_ratio"]
-            else float("nan")
-        )
-        vg = (r["goodput_tokens_per_s"] / base["goodput_tokens_per_s"]) if base else float("nan")
-        print(
-            f"{name:12s} {r['bubble_ratio']:7.1%} {vb:7.2f} {r['loop_time_s']:7.1f} "
-            f"{r['goodput_tokens_per_s']:7.0f} {vg:7.2f} {r['goodput_samples_per_s']:6.1f} "
-            f"{r['wasted_token_share']:7.1%} {r['max_staleness_trained']:5d} "
-            f"{r['eval_before']:8.3f} -> {r['eval_after']:.3f}"
-        )
+    names = args.policies.split(",")
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        ap.error(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for seed in seeds:
+        for name in names:
+            cfg = load_config(None, [*args.overrides, f"seed={seed}", *POLICIES[name]])
+            out = Path(args.out) / f"{name}-seed{seed}"
+            row = _row(train(cfg, out, progress=False, overwrite=True))  # a rerun replaces
+            row["seed"] = seed
+            runs[name].append(row)
+            print(name, json.dumps(row), flush=True)
+        if "sync" in runs:  # ratios against sync of the same seed
+            base = runs["sync"][-1]["goodput_samples_per_s"]
+            for name in names:
+                r = runs[name][-1]
+                r["goodput_vs_sync"] = r["goodput_samples_per_s"] / base
+    print(f"\n{len(seeds)} seed(s) {seeds}: mean ± std")
+    print(f"{'policy':18s}" + "".join(f"{h:>18s}" for _, h, _ in COLUMNS))
+    for name, rows in runs.items():
+        cells = []
+        for key, _, fmt in COLUMNS:
+            if key not in rows[0]:  # no sync in this run
+                cells.append("n/a")
+                continue
+            m, sd = _mean_std([r[key] for r in rows])
+            cells.append(f"{fmt.format(m)} ± {fmt.format(sd)}")
+        print(f"{name:18s}" + "".join(f"{c:>18s}" for c in cells))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "policies.json").write_text(json.dumps(rows, indent=2))
+    (Path(args.out) / "policies.json").write_text(json.dumps(runs, indent=2))
 
 
 if __name__ == "__main__":

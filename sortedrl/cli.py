@@ -102,6 +102,13 @@ def _preset_help() -> str:
     help="simulated rewards: each response is correct with this probability (what "
     "--filter-equal-rewards needs) [default: no rewards, all 0]",
 )
+@click.option(
+    "--epochs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="passes over the prompts; each draws fresh lengths from the prompt's distribution",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="write the results here")
 @click.option("--plot", "plot_path", type=click.Path(), help="write a PNG here")
@@ -148,6 +155,7 @@ def simulate(**kw: Any) -> None:
         seed=kw["seed"],
         async_rollout_gpus=kw["async_rollout_gpus"],
         solve_rate=kw["solve_rate"],
+        epochs=kw["epochs"],
     )
     with Progress(
         TextColumn("{task.description:>12}"),
@@ -158,7 +166,7 @@ def simulate(**kw: Any) -> None:
         console=console,
         transient=False,
     ) as bar:
-        tasks = {p: bar.add_task(p, total=prompts) for p in policies}
+        tasks = {p: bar.add_task(p, total=prompts * kw["epochs"]) for p in policies}
         doc = simulate(settings, workload, lambda name, n: bar.advance(tasks[name], n))
     timelines = doc.pop("_timelines")
     _print_sim_table(doc)

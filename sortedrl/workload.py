@@ -79,12 +79,15 @@ class LengthDistribution:
     terms: tuple[_Term, ...]
     cap: int
 
-    def draw_group(self, seed: int, prompt_id: str, group_size: int) -> list[int]:
-        # 1 + 2G uniforms: the prompt's offset, then (term choice, value) per sample.
-        raw = hashlib.shake_128(f"{seed}\x00group\x00{prompt_id}".encode()).digest(
-            8 * (1 + 2 * group_size)
-        )
-        u = struct.unpack(f"<{1 + 2 * group_size}Q", raw)
+    def draw_group(self, seed: int, prompt_id: str, group_size: int, epoch: int = 0) -> list[int]:
+        # 1 + 2G uniforms: the prompt's offset, then (term choice, value) per sample. A later
+        # epoch keeps the prompt's offset (its difficulty) and draws its samples afresh.
+        n = 1 + 2 * group_size
+        key = f"{seed}\x00group\x00{prompt_id}"
+        u = struct.unpack(f"<{n}Q", hashlib.shake_128(key.encode()).digest(8 * n))
+        if epoch:
+            fresh = hashlib.shake_128(f"{key}\x00epoch\x00{epoch}".encode()).digest(8 * n)
+            u = u[:1] + struct.unpack(f"<{n}Q", fresh)[1:]
         inv, exp, cap, terms = _inv_normal, math.exp, self.cap, self.terms
         z_prompt = inv((u[0] + 0.5) * _U64)
         out = []
@@ -329,6 +332,7 @@ class Workload:
         self._lengths: dict[str, list[int]] = {
             pid: [min(cap, x) for x in ls] for pid, ls in lengths.items()
         }
+        self._epoch_lengths: dict[tuple[str, int], list[int]] = {}  # epochs after the first
 
     @classmethod
     def from_spec(
@@ -369,9 +373,32 @@ class Workload:
             self._lengths[prompt_id] = ls
         return ls
 
-    def length(self, prompt_id: str, sample_index: int, attempt: int = 0) -> int:
-        """Total response length of this attempt at this sample (capped at `cap`)."""
-        ls = self.group(prompt_id)
+    def epoch_group(self, prompt_id: str, epoch: int) -> list[int]:
+        """The lengths a later pass over the data gives this prompt's group: drawn afresh from
+        the prompt's own distribution (a spec keeps the prompt's offset; a trace draws from
+        the prompt's recorded lengths), so earlier epochs predict them without fixing them."""
+        if epoch == 0:
+            return self.group(prompt_id)
+        key = (prompt_id, epoch)
+        ls = self._epoch_lengths.get(key)
+        if ls is None:
+            recorded = self.group(prompt_id)
+            g = len(recorded)
+            if self.distribution is not None:
+                ls = self.distribution.draw_group(self.seed, prompt_id, g, epoch)
+            else:
+                ls = [
+                    recorded[_index(self.seed, f"epoch\x00{prompt_id}\x00{i}\x00{epoch}", g)]
+                    for i in range(g)
+                ]
+            self._epoch_lengths[key] = ls
+        return ls
+
+    def length(self, prompt_id: str, sample_index: int, attempt: int = 0, epoch: int = 0) -> int:
+        """Total response length of this attempt at this sample in this epoch (capped)."""
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
+        ls = self.epoch_group(prompt_id, epoch)
         g = len(ls)
         if not 0 <= sample_index < g:
             raise ConfigError(
@@ -379,4 +406,5 @@ class Workload:
             )
         if attempt == 0:
             return ls[sample_index]
-        return ls[_index(self.seed, f"regen\x00{prompt_id}\x00{sample_index}\x00{attempt}", g)]
+        key = f"regen\x00{prompt_id}\x00{sample_index}\x00{attempt}"
+        return ls[_index(self.seed, key if epoch == 0 else f"{key}\x00{epoch}", g)]

@@ -1,7 +1,7 @@
 """A minimal engine for controller tests: one token per sequence per unit of time.
 
-Response lengths come from a function of (prompt_id, sample_index, attempt), so tests can
-script exactly when each response finishes.
+Response lengths come from a function of (prompt_id, sample_index, attempt) (and the epoch,
+with `by_epoch`), so tests can script exactly when each response finishes.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from sortedrl.scheduling.protocol import (
 
 
 class SteppingEngine:
-    def __init__(self, capacity: int, length: Callable[[str, int, int], int]) -> None:
+    def __init__(self, capacity: int, length: Callable[..., int], by_epoch: bool = False) -> None:
         self._capacity = capacity
-        self._length = length
+        self._length = length  # (prompt_id, sample_index, attempt[, epoch]) -> length
+        self._by_epoch = by_epoch
         self._version = 0
         self._waiting: list[Request] = []
         # request_id -> [request, target, tokens so far, spans]
@@ -44,7 +45,8 @@ class SteppingEngine:
     def _start(self) -> None:
         while self._waiting and len(self._running) < self._capacity:
             r = self._waiting.pop(0)
-            target = min(self._length(r.prompt_id, r.sample_index, r.attempt), r.max_new_tokens)
+            key = (r.prompt_id, r.sample_index, r.attempt) + ((r.epoch,) if self._by_epoch else ())
+            target = min(self._length(*key), r.max_new_tokens)
             n = r.resume.n_tokens if r.resume else 0
             spans = [list(x) for x in r.resume.version_spans] if r.resume else []
             self._running[r.request_id] = [r, target, n, spans]

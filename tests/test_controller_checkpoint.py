@@ -154,13 +154,12 @@ def test_a_checkpoint_written_before_state_dict_existed_still_loads():
     assert old["format"] == 1 and "max_staleness" in old["ledger"]["updates"][0]
     ctl = restore_controller(cfg, _prompts(20), old)
     new = json.loads(json.dumps(controller_state(ctl)))
-    assert new["format"] == 2
+    assert new["format"] == 3
     assert (
         new["ledger"]["updates"][0]["max_staleness_trained"]
         == (old["ledger"]["updates"][0]["max_staleness"])
     )
-    for key in ("groups", "queue", "complete", "cached", "version", "admitted"):
-        assert new[key] == old[key], key
+    _assert_same_state_but_length_fields(new, old)
     result = run(ctl, SteppingEngine(5, _lengths(3)), UnitTrainer())
     s = result.summary
     assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"] == 20
@@ -176,3 +175,42 @@ def test_an_unknown_format_or_a_used_controller_is_refused():
         Controller(cfg, _prompts(8)).load_state_dict({**state, "format": 7})
     with pytest.raises(RuntimeError, match="has not started"):
         ctl.load_state_dict(state)
+
+
+def _assert_same_state_but_length_fields(new, old):
+    """`new` (format 3) holds what `old` (format 1 or 2) did, plus the length-aware fields
+    at the values of a run without them: epoch 0, queue rank 0, no history."""
+    assert new["config"]["submit_order"] == "fifo" and new["config"]["update_pacing"] is False
+    assert new["lengths"] is None
+    assert [g.pop("epoch") for g in new["groups"]] == [0] * len(old["groups"])
+    assert [q.pop() for q in new["queue"]] == [0.0] * len(old["queue"])
+    for key in ("groups", "queue", "complete", "cached", "version", "admitted"):
+        assert new[key] == old[key], key
+
+
+def test_a_format_2_checkpoint_loads_and_matches_a_fresh_run():
+    # Written by Controller.state_dict of the code before the length-aware settings (format 2):
+    # the setting of the format-1 test above, stopped after 4 updates.
+    old = json.loads((Path(__file__).parent / "data" / "controller_state_v2.json").read_text())
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="keep",
+        group_size=2,
+        rollout_batch=6,
+        update_batch=2,
+        max_staleness=1,
+        max_regenerations=1,
+        max_new_tokens=60,
+    )
+    assert old["format"] == 2 and "submit_order" not in old["config"]
+    ctl = Controller(cfg, _prompts(20))
+    ctl.load_state_dict(old)
+    _assert_same_state_but_length_fields(json.loads(json.dumps(ctl.state_dict())), old)
+    # Today's controller with the length-aware settings off decides as the old one did.
+    fresh = Controller(cfg, _prompts(20))
+    run(fresh, SteppingEngine(5, _lengths(3)), UnitTrainer(), max_updates=4)
+    _assert_same_state_but_length_fields(json.loads(json.dumps(fresh.state_dict())), old)
+    result = run(ctl, SteppingEngine(5, _lengths(3)), UnitTrainer())
+    s = result.summary
+    assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"] == 20
+    assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]

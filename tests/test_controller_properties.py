@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,14 +26,19 @@ class CountingEngine(SteppingEngine):
         return report
 
 
-def _lengths(seed: int, cap: int, sigma: float):
+def _lengths(seed: int, cap: int, sigma: float, prompt_sigma: float = 0.0):
+    """Lognormal lengths; each prompt has its own median (prompt_sigma), so its history over
+    epochs and its siblings predict its lengths without fixing them."""
     rng = random.Random(seed)
     cache: dict = {}
+    medians: dict = {}
 
-    def length(p: str, i: int, a: int) -> int:
-        key = (p, i, a)
+    def length(p: str, i: int, a: int, e: int = 0) -> int:
+        key = (p, i, a, e)
         if key not in cache:
-            cache[key] = max(1, min(cap, int(rng.lognormvariate(3.0, sigma))))
+            if p not in medians:
+                medians[p] = 3.0 + prompt_sigma * rng.gauss(0.0, 1.0)
+            cache[key] = max(1, min(cap, int(rng.lognormvariate(medians[p], sigma))))
         return cache[key]
 
     return length
@@ -55,6 +61,10 @@ configs = st.fixed_dictionaries(
         "sigma": st.floats(0.1, 1.5),
         "cap": st.integers(1, 200),
         "pause": st.booleans(),
+        "epochs": st.integers(1, 3),
+        "prompt_sigma": st.floats(0.0, 1.5),
+        "submit_order": st.sampled_from(["fifo", "longest_predicted"]),
+        "update_pacing": st.booleans(),
     }
 )
 
@@ -71,9 +81,15 @@ def _run(c: dict, max_updates: int | None = None):
         max_regenerations=c["max_regenerations"],
         filter_equal_rewards=c["filter_equal_rewards"],
         max_new_tokens=c["cap"],
+        submit_order=c["submit_order"],
+        update_pacing=c["update_pacing"] and c["policy"] == "sorted",
     )
-    ctl = Controller(cfg, [PromptSpec(f"p{i}", 5) for i in range(c["prompts"])])
-    engine = CountingEngine(c["capacity"], _lengths(c["seed"], c["cap"], c["sigma"]))
+    specs = [
+        PromptSpec(f"p{i}", 5, epoch=e) for e in range(c["epochs"]) for i in range(c["prompts"])
+    ]
+    ctl = Controller(cfg, specs)
+    lengths = _lengths(c["seed"], c["cap"], c["sigma"], c["prompt_sigma"])
+    engine = CountingEngine(c["capacity"], lengths, by_epoch=True)
     trainer = UnitTrainer(3.0)
     rng = random.Random(c["seed"])
 
@@ -93,7 +109,7 @@ def test_counts_balance_and_limits_hold(c):
     s = result.summary
     # Every admitted prompt ends trained or dropped with a reason (the run went to the end).
     assert s["prompts_in_flight"] == 0
-    assert s["prompts_admitted"] == c["prompts"]
+    assert s["prompts_admitted"] == c["prompts"] * c["epochs"]
     assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"]
     if not cfg.filter_equal_rewards:
         assert s["prompts_dropped"] == 0  # nothing starves, nothing is lost
@@ -102,9 +118,12 @@ def test_counts_balance_and_limits_hold(c):
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"] + s["tokens_in_flight"]
     assert s["tokens_in_flight"] == 0
     assert result.controller.num_queued == 0  # the queue count never drifts
-    # No prompt trained twice; every trained group is complete.
-    trained = [g.prompt_id for b in trainer.batches for g in b.groups]
-    assert len(trained) == len(set(trained)) == s["prompts_trained"]
+    # No prompt trained twice in an epoch (nor lost); every trained group is complete.
+    trained = Counter(g.prompt_id for b in trainer.batches for g in b.groups)
+    assert sum(trained.values()) == s["prompts_trained"]
+    assert all(n <= c["epochs"] for n in trained.values())
+    if not cfg.filter_equal_rewards:
+        assert trained == {f"p{i}": c["epochs"] for i in range(c["prompts"])}
     for b in trainer.batches:
         assert 1 <= len(b.groups) <= cfg.update_batch
         for g in b.groups:

@@ -161,6 +161,7 @@ def test_bad_trace_names_file_line_and_field(tmp_path, line, field):
         (["--policies", "sorted", "--async-rollout-gpus", "1"], "--policies has no async"),
         (["--filter-equal-rewards"], "--filter-equal-rewards needs --solve-rate"),
         (["--solve-rate", "1.5"], "--solve-rate must be in [0, 1]"),
+        (["--policies", "sync,partial", "--update-pacing"], "--update-pacing is set, but no"),
         (["--max-new-tokens", "65"], "exceeds the response cap 64 that preset 'test-tiny'"),
     ],
 )
@@ -226,3 +227,16 @@ def test_help_lists_the_numbers_each_preset_rests_on():
         "tp 4, max_num_seqs 192 per replica",
     ):
         assert needle in text
+
+
+def test_epochs_replay_the_prompts(tmp_path):
+    out = tmp_path / "r.json"
+    args = [*SMALL, "--policies", "sync,sorted", "--epochs", "3", "--json", str(out)]
+    res = _run([*args, "--update-pacing", "--submit-order", "longest_predicted"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["epochs"] == 3 and doc["settings"]["update_pacing"] is True
+    for summary in doc["policies"].values():
+        assert summary["prompts_admitted"] == summary["prompts_trained"] == 120
+    res = _run([*SMALL, "--policies", "sync", "--epochs", "0"])
+    assert res.exit_code == 2 and "--epochs must be >= 1" in res.output

@@ -231,3 +231,38 @@ def test_empty_or_missing_trace(tmp_path: Path):
         load_trace(_write(tmp_path, ["", ""]))
     with pytest.raises(InputFileError, match="cannot read"):
         load_trace(str(tmp_path / "missing.jsonl"))
+
+
+def test_later_epochs_draw_afresh_from_each_prompts_own_distribution():
+    spec = "lognormal:median=1000,sigma=0.2,prompt_sigma=1.0"
+    ids = [f"p{i}" for i in range(200)]
+    w = Workload.from_spec(spec, 16384, 8, ids, seed=3)
+    first = {p: w.epoch_group(p, 0) for p in ids}
+    again = {p: w.epoch_group(p, 1) for p in ids}
+    assert all(w.length(p, i, 0, 0) == first[p][i] for p in ids[:5] for i in range(8))
+    assert all(w.length(p, i, 0, 1) == again[p][i] for p in ids[:5] for i in range(8))
+    assert sum(first[p] != again[p] for p in ids) > 190  # not the same lengths again ...
+
+    def log_mean(xs):
+        return sum(math.log(x) for x in xs) / len(xs)
+
+    # ... but the same prompts are long: the prompt's offset (sigma 1.0) outweighs the
+    # samples' (0.2), so the groups' log-means agree closely across epochs.
+    a = [log_mean(first[p]) for p in ids]
+    b = [log_mean(again[p]) for p in ids]
+    assert statistics.correlation(a, b) > 0.9
+    assert Workload.from_spec(spec, 16384, 8, ids, seed=3).epoch_group("p7", 2) == w.epoch_group(
+        "p7", 2
+    )  # deterministic
+    with pytest.raises(ConfigError, match="epoch must be >= 0"):
+        w.length("p1", 0, 0, -1)
+
+
+def test_trace_epochs_draw_from_the_recorded_lengths(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt_id": "a", "lengths": [5, 6, 7]}\n')
+    w = Workload.from_trace(str(path), 100)
+    assert w.epoch_group("a", 0) == [5, 6, 7]
+    later = [x for e in range(1, 30) for x in w.epoch_group("a", e)]
+    assert set(later) == {5, 6, 7}
+    assert w.length("a", 1, 2, 4) in {5, 6, 7}

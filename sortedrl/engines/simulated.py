@@ -173,7 +173,7 @@ class SimulatedEngine:
                     f"exceeds the KV cache of one replica ({self._kv_cap} tokens) of preset "
                     f"'{self.spec.name}'"
                 )
-            natural = self.workload.length(req.prompt_id, req.sample_index, req.attempt)
+            natural = self.workload.length(req.prompt_id, req.sample_index, req.attempt, req.epoch)
             final = min(natural, cap)
             reason: FinishReason = "length" if natural >= cap else "stop"
             q = SimSeq(rid, req.prompt_len, final, reason)

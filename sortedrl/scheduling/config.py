@@ -27,6 +27,7 @@ IGNORED_BY: dict[str, dict[str, str]] = {
         "max_staleness": "sync never trains stale work",
         "max_regenerations": "sync never discards work",
         "admission": "sync admits update_batch prompts and waits for all of them",
+        "update_pacing": "sync trains only after every admitted group is complete",
     },
     "sorted": {},
     "partial": {
@@ -34,10 +35,12 @@ IGNORED_BY: dict[str, dict[str, str]] = {
         "max_staleness": "partial does not bound staleness",
         "max_regenerations": "partial never discards work",
         "admission": "partial keeps rollout_batch prompts open",
+        "update_pacing": "partial discards nothing, so holding an update back saves nothing",
     },
     "async": {
         "cache": "async bounds staleness with max_staleness",
         "admission": "async admits within its staleness window",
+        "update_pacing": "pacing plans for sorted's rounds only",
     },
 }
 
@@ -97,6 +100,21 @@ class SchedulerConfig(BaseModel):
     )
     # Default: the default task's answers (at most 40 letters, a token each) fit with room.
     max_new_tokens: int = Field(64, ge=1, description="response length cap, in tokens")
+    # --- length-aware scheduling (issue #10; scheduling/lengths.py) -----------------------------
+    # Default: fifo, the order of the paper (and of every run before these settings existed).
+    submit_order: Literal["fifo", "longest_predicted"] = Field(
+        "fifo",
+        description="order of the controller's queue within each priority class (protected, "
+        "resumed, fresh): in admission order (fifo), or the longest predicted remaining "
+        "length first, predicted from the prompt's length history (longest_predicted)",
+    )
+    # Default: off, so an update is never held back (the paper's behaviour).
+    update_pacing: bool = Field(
+        False,
+        description="sorted: hold an update back while groups it would push past the staleness "
+        "limit are predicted to complete soon, when the idle engine slots of the wait cost less "
+        "than the tokens restarting them would discard (cost model in scheduling/lengths.py)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerConfig:
@@ -121,6 +139,11 @@ class SchedulerConfig(BaseModel):
         cache = str(settings.get("cache", cls.model_fields["cache"].default))
         ignored = ignored_settings(policy, cache)
         return cls(policy=policy, **{k: v for k, v in settings.items() if k not in ignored})
+
+    @property
+    def uses_length_history(self) -> bool:
+        """Whether the controller keeps a per-prompt length history."""
+        return self.submit_order != "fifo" or self.update_pacing
 
     @property
     def staleness_limit(self) -> int | None:

@@ -30,7 +30,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from sortedrl.scheduling.buffer import RolloutBuffer
+from sortedrl.scheduling.checkpoint_format import CHECKPOINT_FORMAT, upgrade_checkpoint
 from sortedrl.scheduling.config import SchedulerConfig
+from sortedrl.scheduling.lengths import LengthTracker, queue_rank
 from sortedrl.scheduling.metrics import Ledger
 from sortedrl.scheduling.policies import Policy, make_policy
 from sortedrl.scheduling.protocol import (
@@ -42,14 +44,6 @@ from sortedrl.scheduling.state import Group, GroupState, PromptSpec, Seq, SeqSta
 
 # Queue priority classes: lower goes first.
 _PROTECTED, _RESUME, _ADMITTED = 0, 1, 2
-# Bump when the checkpoint layout changes. 2: update records use the measured names
-# (max_staleness_trained, ...); format 1 is upgraded on load, anything else refused.
-CHECKPOINT_FORMAT = 2
-_V1_UPDATE_KEYS = {
-    "mean_response_len": "response_len_mean",
-    "max_staleness": "max_staleness_trained",
-    "mean_staleness": "mean_staleness_trained",
-}
 
 
 class Controller:
@@ -62,8 +56,9 @@ class Controller:
         self._next_spec: PromptSpec | None = next(self._prompts, None)
         self._version = 0
         self._groups: dict[int, Group] = {}  # open groups by admission order
-        # Heap of (priority, ticket, seq); an entry is live only while seq.ticket == ticket.
-        self._queue: list[tuple[int, int, Seq]] = []
+        # Heap of (priority, rank, ticket, seq); an entry is live only while seq.ticket ==
+        # ticket. rank orders a priority class (0 for fifo, -predicted remaining length).
+        self._queue: list[tuple[int, float, int, Seq]] = []
         self._tickets = 0
         self._n_queued = 0
         self._n_protected = 0  # open protected groups, at most update_batch
@@ -73,6 +68,8 @@ class Controller:
         self._admitted = 0
         self._dropped_groups = 0
         self._in_update: list[Group] | None = None
+        # Length-aware scheduling (submit_order, update_pacing): see scheduling/lengths.py.
+        self._lengths = LengthTracker(config.max_new_tokens) if config.uses_length_history else None
 
     # --- what policies look at ----------------------------------------------------------------
     @property
@@ -128,7 +125,7 @@ class Controller:
             self._admit(self.policy.prompts_to_admit(self, spare))
         out: list[Request] = []
         while self._queue and len(out) < free_slots:
-            _, ticket, seq = heapq.heappop(self._queue)
+            _, _, ticket, seq = heapq.heappop(self._queue)
             if seq.ticket == ticket and seq.state is SeqState.QUEUED:
                 self._n_queued -= 1
                 out.append(self._make_request(seq))
@@ -149,14 +146,16 @@ class Controller:
             for seq in group.seqs:
                 self._enqueue(seq, _ADMITTED)
 
-    def _enqueue(self, seq: Seq, priority: int) -> None:
+    def _enqueue(self, seq: Seq, priority: int, rank: float | None = None) -> None:
         if seq.group.protected:
             priority = _PROTECTED
         if seq.state is not SeqState.QUEUED or seq.ticket < 0:  # not yet counted as queued
             self._n_queued += 1
         seq.state = SeqState.QUEUED
         seq.ticket = self._tickets  # any older entry of this seq is now dead
-        heapq.heappush(self._queue, (priority, self._tickets, seq))
+        if rank is None:
+            rank = queue_rank(self.config, self._lengths, seq)
+        heapq.heappush(self._queue, (priority, rank, self._tickets, seq))
         self._tickets += 1
 
     def _make_request(self, seq: Seq) -> Request:
@@ -167,6 +166,8 @@ class Controller:
         seq.submitted_prefix = seq.n_tokens
         seq.first_version = seq.oldest_version if seq.n_tokens else self._version
         self._running[rid] = seq
+        if self._lengths is not None:
+            self._lengths.submitted(rid)
         spec = seq.group.spec
         return Request(
             request_id=rid,
@@ -177,6 +178,7 @@ class Controller:
             max_new_tokens=self.config.max_new_tokens,
             prompt_token_ids=spec.prompt_token_ids,
             resume=seq.content if seq.n_tokens else None,
+            epoch=spec.epoch,
         )
 
     # --- engine results -----------------------------------------------------------------------
@@ -195,11 +197,15 @@ class Controller:
             seq.content = gen.as_partial()
             seq.finish_reason = gen.finish_reason
             seq.reward = rewards[i] if rewards is not None else 0.0
+            if self._lengths is not None:
+                self._lengths.history.record(seq.group.prompt_id, gen.n_tokens)
             if self.buffer.add_finished(seq):
                 self._on_group_complete(seq.group)
 
     def _take_running(self, gen: Generation) -> Seq:
         seq = self._running.pop(gen.request_id, None)
+        if self._lengths is not None:
+            self._lengths.returned(gen.request_id)
         if seq is None:
             raise RuntimeError(f"engine returned unknown or duplicate request {gen.request_id!r}")
         self.ledger.tokens_generated += gen.n_tokens - seq.submitted_prefix
@@ -249,7 +255,7 @@ class Controller:
         ):
             return False
         if complete >= self.config.update_batch:
-            return True
+            return not (self.config.update_pacing and self._pacing_holds())
         # End of data: train what is left rather than lose it.
         return self.exhausted and complete == len(self._groups)
 
@@ -259,6 +265,8 @@ class Controller:
         completion order (short before long among groups of one version). The engine must
         have been paused first when the policy is colocated."""
         assert self._in_update is None, "an update is already in progress"
+        if self._lengths is not None:
+            self._lengths.new_update()
         candidates = self.buffer.complete_groups()
         candidates.sort(key=lambda g: (not g.protected, g.oldest_version, g.completed_seq))
         # At most update_batch groups are protected at once, so all of them fit here.
@@ -380,7 +388,7 @@ class Controller:
             raise RuntimeError("checkpoint with responses still in the engine: pause it first")
         if self._in_update is not None:
             raise RuntimeError("checkpoint during an update")
-        live = (e for e in self._queue if e[2].ticket == e[1] and e[2].state is SeqState.QUEUED)
+        live = (e for e in self._queue if e[3].ticket == e[2] and e[3].state is SeqState.QUEUED)
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.model_dump(),
@@ -389,19 +397,17 @@ class Controller:
             "dropped_groups": self._dropped_groups,
             "next_request": self._next_request,
             "groups": [g.state_dict() for g in self._groups.values()],
-            "queue": [[p, s.group.order, s.index] for p, _, s in sorted(live)],
+            "queue": [[p, s.group.order, s.index, r] for p, r, _, s in sorted(live)],
             **self.buffer.state_dict(),
             "protect_waitlist": [g.order for g in self._protect_waitlist if g.open],
             "ledger": self.ledger.state_dict(),
+            "lengths": None if self._lengths is None else self._lengths.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go on from `state` (see `state_dict`). Call it on a fresh controller built with the
         same config and the same prompt source; the prompts it had admitted are skipped."""
-        if state.get("format") == 1:
-            state = _upgrade_v1(state)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unknown controller checkpoint format {state.get('format')!r}")
+        state = upgrade_checkpoint(state)  # raises on a format it does not know
         if self._admitted or self._tickets:
             raise RuntimeError("load_state_dict needs a controller that has not started")
         saved, current = state["config"], self.config.model_dump()
@@ -422,8 +428,10 @@ class Controller:
             self._n_protected += group.protected
         groups = self._groups
         self.buffer.load_state_dict(state, groups)
-        for priority, order, index in state["queue"]:
-            self._enqueue(groups[order].seqs[index], priority)
+        if self._lengths is not None and state["lengths"] is not None:
+            self._lengths.load_state_dict(state["lengths"])  # before the queue: ranks use it
+        for priority, order, index, rank in state["queue"]:
+            self._enqueue(groups[order].seqs[index], priority, rank)
         self._protect_waitlist.extend(groups[o] for o in state["protect_waitlist"])
         self.ledger.load_state_dict(state["ledger"])
 
@@ -451,23 +459,29 @@ class Controller:
         counted). Returns how many responses were requeued."""
         lost = list(self._running.values())
         self._running.clear()
+        if self._lengths is not None:
+            self._lengths.forget_running()
         for seq in lost:
             self._enqueue(seq, _RESUME)
         return len(lost)
 
+    # --- length-aware scheduling (issue #10): see scheduling/lengths.py -----------------------
+    def observe_step(
+        self, tokens_generated: int, busy_slot_s: float, elapsed_s: float, capacity: int
+    ) -> None:
+        """An engine step's report (what the length tracker estimates progress from)."""
+        if self._lengths is not None:
+            self._lengths.observe_step(tokens_generated, busy_slot_s, elapsed_s, capacity)
+
+    def _pacing_holds(self) -> bool:
+        assert self._lengths is not None  # update_pacing keeps a length history
+        groups, running = list(self._groups.values()), list(self._running.values())
+        return self._lengths.pacing_holds(
+            self.config, self._version, groups, running, self._n_queued, self.exhausted
+        )
+
 
 # --- checkpoints ------------------------------------------------------------------------------
-
-
-def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 checkpoint in format 2: only the update records' key names changed."""
-    ledger = dict(state["ledger"])
-    ledger["updates"] = [
-        {_V1_UPDATE_KEYS.get(k, k): v for k, v in u.items()} for u in ledger["updates"]
-    ]
-    return {**state, "format": 2, "ledger": ledger}
-
-
 # Thin functions kept for callers of the first checkpoint API; they use the methods.
 
 

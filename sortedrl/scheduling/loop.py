@@ -181,6 +181,9 @@ class _Loop:
             return 0.0
         self._failures_in_a_row = 0
         self.clock.add_generation(report.elapsed_s, report.busy_slot_s, advance, round_)
+        self.ctl.observe_step(
+            report.tokens_generated, report.busy_slot_s, report.elapsed_s, self.engine.capacity
+        )
         rewards = None
         if self.scorer is not None and report.finished:
             keys = [self.ctl.response_key(g.request_id) for g in report.finished]

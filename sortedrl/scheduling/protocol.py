@@ -45,6 +45,7 @@ class Request:
     max_new_tokens: int  # cap on the whole response, resumed prefix included
     prompt_token_ids: list[int] | None = None  # None for the simulated engine
     resume: Partial | None = None
+    epoch: int = 0  # which pass over the data admitted the prompt (lengths differ per epoch)
 
 
 @dataclass

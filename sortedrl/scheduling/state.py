@@ -43,6 +43,7 @@ class PromptSpec:
     prompt_id: str
     prompt_len: int
     prompt_token_ids: list[int] | None = None
+    epoch: int = 0  # which pass over the data this is (the same prompt_id recurs per epoch)
 
 
 @dataclass(eq=False)
@@ -153,6 +154,7 @@ class Group:
             "prompt_id": spec.prompt_id,
             "prompt_len": spec.prompt_len,
             "prompt_token_ids": spec.prompt_token_ids,
+            "epoch": spec.epoch,
             "order": self.order,
             "round": self.round,
             "state": self.state.value,
@@ -165,7 +167,9 @@ class Group:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Group:
-        spec = PromptSpec(state["prompt_id"], state["prompt_len"], state["prompt_token_ids"])
+        spec = PromptSpec(
+            state["prompt_id"], state["prompt_len"], state["prompt_token_ids"], state["epoch"]
+        )
         group = cls(spec, state["order"], state["round"])
         group.state = GroupState(state["state"])
         group.n_finished = state["n_finished"]

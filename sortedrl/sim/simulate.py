@@ -43,6 +43,7 @@ class SimSettings:
     seed: int = 0
     async_rollout_gpus: int | None = None  # None: try the splits and keep the best goodput
     solve_rate: float | None = None  # None: no rewards (all 0); see `solve_rate_scorer`
+    epochs: int = 1  # passes over the prompts; each pass draws fresh lengths per prompt
 
 
 def build_workload(
@@ -146,8 +147,11 @@ def scheduler_config(s: SimSettings, name: str, cap: int) -> SchedulerConfig:
         raise ConfigError(format_validation_error(e)) from None
 
 
-def _prompt_specs(workload: Workload, spec: ClusterSpec, n: int) -> list[PromptSpec]:
-    return [PromptSpec(pid, spec.prompt_len) for pid in workload.prompt_ids()[:n]]
+def _prompt_specs(
+    workload: Workload, spec: ClusterSpec, n: int, epochs: int = 1
+) -> list[PromptSpec]:
+    ids = workload.prompt_ids()[:n]
+    return [PromptSpec(pid, spec.prompt_len, epoch=e) for e in range(epochs) for pid in ids]
 
 
 def run_policy(
@@ -163,7 +167,7 @@ def run_policy(
     train_gpus = spec.gpus - rollout_gpus if rollout_gpus is not None else spec.gpus
     engine = SimulatedEngine(spec, workload, gpus=engine_gpus)
     trainer = CostModelTrainer(spec, gpus=train_gpus)
-    controller = Controller(cfg, _prompt_specs(workload, spec, s.prompts))
+    controller = Controller(cfg, _prompt_specs(workload, spec, s.prompts, s.epochs))
 
     def on_update(record, batch, result) -> None:
         if progress is not None:
@@ -205,6 +209,8 @@ def simulate(
     """Run every policy; returns the JSON document (`{"policies": {...}, "settings": ...}`)."""
     spec = get_preset(s.preset)
     CostModel(spec)  # validate the preset fits before spending time
+    if s.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {s.epochs}")
     if s.prompts > len(workload):
         raise ConfigError(f"--prompts {s.prompts} exceeds the {len(workload)} prompts of the trace")
     check_settings(s, spec)  # every setting checked before any time is spent
@@ -236,6 +242,7 @@ def simulate(
         "preset": s.preset,
         "policies": s.policies,
         "prompts": s.prompts,
+        "epochs": s.epochs,
         **defaults,
         "max_new_tokens": spec.response_cap,
         **s.scheduler,

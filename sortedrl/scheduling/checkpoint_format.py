@@ -1,0 +1,52 @@
+"""Versions of the controller checkpoint layout (`Controller.state_dict`), and the upgrade of
+an older checkpoint to the current one, so a run checkpointed by earlier code goes on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Bump when the layout changes. 2: update records use the measured names
+# (max_staleness_trained, ...). 3: length-aware scheduling (issue #10): the settings
+# submit_order and update_pacing, each group's epoch, a rank per queue entry, the length history.
+CHECKPOINT_FORMAT = 3
+_V1_UPDATE_KEYS = {
+    "mean_response_len": "response_len_mean",
+    "max_staleness": "max_staleness_trained",
+    "mean_staleness": "mean_staleness_trained",
+}
+
+
+def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 to 2: only the update records' key names changed."""
+    ledger = dict(state["ledger"])
+    ledger["updates"] = [
+        {_V1_UPDATE_KEYS.get(k, k): v for k, v in u.items()} for u in ledger["updates"]
+    ]
+    return {**state, "format": 2, "ledger": ledger}
+
+
+def _upgrade_v2(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 to 3: a run before the length-aware settings ran with them off (fifo queue,
+    every rank 0, no pacing, no history) over one epoch."""
+    config = {"submit_order": "fifo", "update_pacing": False, **state["config"]}
+    groups = [{"epoch": 0, **g} for g in state["groups"]]
+    queue = [[*entry, 0.0] for entry in state["queue"]]
+    return {
+        **state,
+        "format": 3,
+        "config": config,
+        "groups": groups,
+        "queue": queue,
+        "lengths": None,
+    }
+
+
+def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` in the current format; raises on a format this code does not know."""
+    if state.get("format") == 1:
+        state = _upgrade_v1(state)
+    if state.get("format") == 2:
+        state = _upgrade_v2(state)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"unknown controller checkpoint format {state.get('format')!r}")
+    return state
