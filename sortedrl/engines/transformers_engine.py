@@ -52,8 +52,9 @@ from typing import Any
 
 import torch
 
+from sortedrl.engines.response import ResponseTrack
 from sortedrl.engines.slot_kv import SlotKV
-from sortedrl.scheduling.protocol import Generation, Request, StepReport, VersionSpans
+from sortedrl.scheduling.protocol import Generation, Request, StepReport
 
 __all__ = ["TransformersEngine"]
 
@@ -65,62 +66,13 @@ INITIAL_COLUMNS = 256
 
 
 @dataclass
-class _Seq:
-    request: Request
-    token_ids: list[int]
-    logprobs: list[float]
-    spans: VersionSpans
+class _Seq(ResponseTrack):
     start: int = 0  # first KV column of this row
     pending: int = -1  # last sampled token, not yet in the KV cache
 
-    def add(self, token: int, logprob: float, version: int) -> None:
-        self.token_ids.append(token)
-        self.logprobs.append(logprob)
-        if self.spans and self.spans[-1][0] == version:
-            self.spans[-1] = (version, self.spans[-1][1] + 1)
-        else:
-            self.spans.append((version, 1))
+    def add_one(self, token: int, logprob: float, version: int) -> None:
+        self.add((token,), (logprob,), version)
         self.pending = token
-
-    def generation(self, finish_reason: str) -> Generation:
-        return Generation(
-            request_id=self.request.request_id,
-            finish_reason=finish_reason,  # type: ignore[arg-type]
-            n_tokens=len(self.token_ids),
-            version_spans=list(self.spans),
-            token_ids=list(self.token_ids),
-            logprobs=list(self.logprobs),
-        )
-
-
-def _seq_from_request(req: Request) -> _Seq:
-    if req.prompt_token_ids is None or len(req.prompt_token_ids) == 0:
-        raise ValueError(f"request {req.request_id!r}: prompt_token_ids must be a non-empty list")
-    if req.max_new_tokens < 0:
-        raise ValueError(f"request {req.request_id!r}: max_new_tokens must be >= 0")
-    p = req.resume
-    if p is None:
-        return _Seq(req, [], [], [])
-    if p.token_ids is None or p.logprobs is None:
-        raise ValueError(
-            f"request {req.request_id!r}: resume needs the partial's token_ids and logprobs"
-        )
-    n = len(p.token_ids)
-    if len(p.logprobs) != n or p.n_tokens != n:
-        raise ValueError(
-            f"request {req.request_id!r}: resume partial has n_tokens={p.n_tokens}, "
-            f"{n} token_ids and {len(p.logprobs)} logprobs"
-        )
-    if sum(c for _, c in p.version_spans) != n:
-        raise ValueError(
-            f"request {req.request_id!r}: resume version_spans do not cover {n} tokens"
-        )
-    return _Seq(
-        req,
-        [int(t) for t in p.token_ids],
-        [float(x) for x in p.logprobs],
-        [(int(v), int(c)) for v, c in p.version_spans if c > 0],
-    )
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -226,7 +178,7 @@ class TransformersEngine:
                     f"request id {req.request_id!r} is already unfinished in the engine"
                 )
             seen.add(req.request_id)
-            seqs.append(_seq_from_request(req))
+            seqs.append(_Seq.from_request(req))
         for s in seqs:
             self._ids.add(s.request.request_id)
             self._queue.append(s)
@@ -447,7 +399,7 @@ class TransformersEngine:
         done = []
         for j, (s, t, lp, L) in enumerate(zip(new, toks, lps, lens, strict=True)):
             s.start = T - L
-            s.add(t, lp, self._version)
+            s.add_one(t, lp, self._version)
             self._rows.append(s)
             reason = self._finish_reason(s)
             if reason is not None:
@@ -477,7 +429,7 @@ class TransformersEngine:
         report.tokens_generated += B
         done = []
         for i, (s, t, lp) in enumerate(zip(self._rows, toks, lps, strict=True)):
-            s.add(t, lp, self._version)
+            s.add_one(t, lp, self._version)
             reason = self._finish_reason(s)
             if reason is not None:
                 report.finished.append(s.generation(reason))

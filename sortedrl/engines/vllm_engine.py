@@ -50,7 +50,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sortedrl.scheduling.protocol import Generation, Request, StepReport, VersionSpans
+from sortedrl.engines.response import ResponseTrack
+from sortedrl.scheduling.protocol import Generation, Request, StepReport
 
 __all__ = ["VLLMEngine", "vllm_available"]
 
@@ -66,59 +67,11 @@ def vllm_available() -> bool:
 
 
 @dataclass
-class _Track:
+class _Track(ResponseTrack):
     """What one request has streamed so far (its resumed prefix included)."""
 
-    request: Request
-    token_ids: list[int]
-    logprobs: list[float]
-    spans: VersionSpans
     started: bool = False  # produced a token in this engine (its prefill was counted)
     in_vllm: bool = False  # submitted to vLLM (False: finished before it needed to be)
-
-    def add(self, tokens: Sequence[int], logprobs: Sequence[float], version: int) -> None:
-        self.token_ids.extend(tokens)
-        self.logprobs.extend(logprobs)
-        if self.spans and self.spans[-1][0] == version:
-            self.spans[-1] = (version, self.spans[-1][1] + len(tokens))
-        else:
-            self.spans.append((version, len(tokens)))
-
-    def generation(self, finish_reason: str) -> Generation:
-        return Generation(
-            request_id=self.request.request_id,
-            finish_reason=finish_reason,  # type: ignore[arg-type]
-            n_tokens=len(self.token_ids),
-            version_spans=list(self.spans),
-            token_ids=list(self.token_ids),
-            logprobs=list(self.logprobs),
-        )
-
-
-def _track_from_request(req: Request) -> _Track:
-    rid = req.request_id
-    if not req.prompt_token_ids:
-        raise ValueError(f"request {rid!r}: prompt_token_ids must be a non-empty list")
-    if req.max_new_tokens < 0:
-        raise ValueError(f"request {rid!r}: max_new_tokens must be >= 0")
-    p = req.resume
-    if p is None:
-        return _Track(req, [], [], [])
-    if p.token_ids is None or p.logprobs is None:
-        raise ValueError(f"request {rid!r}: resume needs the partial's token_ids and logprobs")
-    n = len(p.token_ids)
-    if len(p.logprobs) != n or p.n_tokens != n or sum(c for _, c in p.version_spans) != n:
-        raise ValueError(
-            f"request {rid!r}: resume partial has n_tokens={p.n_tokens}, {n} token_ids, "
-            f"{len(p.logprobs)} logprobs and version_spans covering "
-            f"{sum(c for _, c in p.version_spans)} tokens"
-        )
-    return _Track(
-        req,
-        [int(t) for t in p.token_ids],
-        [float(x) for x in p.logprobs],
-        [(int(v), int(c)) for v, c in p.version_spans if c > 0],
-    )
 
 
 def request_seed(seed: int, n: int) -> int:
@@ -312,7 +265,7 @@ class VLLMEngine:
                     f"{self.max_model_len}"
                 )
             seen.add(rid)
-            tracks.append(_track_from_request(req))
+            tracks.append(_Track.from_request(req))
         self._wake()
         for t in tracks:
             self._tracks[t.request.request_id] = t
