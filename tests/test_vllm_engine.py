@@ -231,3 +231,19 @@ def test_unsupported_settings_are_refused_before_starting(tok, model):
         micro = build_tiny_model(len(tok), seed=5, size="micro")  # head size 16
         with pytest.raises(ValueError, match="head size 16"):
             VLLMEngine(micro, tok)
+
+
+def test_only_the_rotary_reload_warning_is_dropped():
+    import logging
+
+    from sortedrl.engines.vllm_engine import _drop_rotary_reload_warning
+
+    def record(*args):
+        return logging.LogRecord(
+            "x", logging.WARNING, "f", 1, "%s: Failed to load weights", args, None
+        )
+
+    assert not _drop_rotary_reload_warning(record("RotaryEmbedding"))
+    assert _drop_rotary_reload_warning(record("QKVParallelLinear"))
+    other = logging.LogRecord("x", logging.WARNING, "f", 1, "something else %s", ("a",), None)
+    assert _drop_rotary_reload_warning(other)

@@ -42,6 +42,7 @@ Pause, weights, capacity
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -72,6 +73,20 @@ class _Track(ResponseTrack):
 
     started: bool = False  # produced a token in this engine (its prefill was counted)
     in_vllm: bool = False  # submitted to vLLM (False: finished before it needed to be)
+
+
+def _drop_rotary_reload_warning(record: logging.LogRecord) -> bool:
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (record.msg == "%s: Failed to load weights" and args[:1] == ("RotaryEmbedding",))
+
+
+def _quiet_rotary_reload_warning() -> None:
+    """Each weight reload warns that the rotary embedding got no weights: it has none to get
+    (its cos/sin table is computed, and vLLM keeps it), so the warning, once per update, is
+    noise. Only that message is dropped."""
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if _drop_rotary_reload_warning not in log.filters:
+        log.addFilter(_drop_rotary_reload_warning)
 
 
 def request_seed(seed: int, n: int) -> int:
@@ -139,6 +154,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm.platforms import current_platform
 
+        _quiet_rotary_reload_warning()
         want = "cuda" if str(device).startswith("cuda") else str(device)
         if current_platform.device_type != want:
             raise ValueError(
