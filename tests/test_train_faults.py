@@ -44,9 +44,16 @@ def test_a_crashing_engine_is_restarted_and_the_run_completes(tmp_path, monkeypa
             raise RuntimeError("simulated worker crash")
         return real_step(self)
 
+    closed = []
     monkeypatch.setattr(TransformersEngine, "step", flaky_step)
+    monkeypatch.setattr(
+        TransformersEngine, "close", lambda self: closed.append(self), raising=False
+    )
     s = train(load_config(None, TINY), tmp_path / "run", progress=False)
     assert s["engine_restarts"] >= 1  # (eval runs on the engine class too: not every call is RL)
+    # Each failed engine is closed before it is replaced; so are the two evaluations' engines
+    # (before and after: TINY has no periodic or sampled evaluation).
+    assert len(closed) == s["engine_restarts"] + 2
     assert s["prompts_trained"] == 16 and s["prompts_in_flight"] == 0
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
 

@@ -117,6 +117,12 @@ class Run:
 
     def restart_engine(self) -> Engine:
         """A fresh engine serving the current policy version (after the old one failed)."""
+        close = getattr(self.engine, "close", None)  # e.g. vLLM: free its memory and threads
+        if close is not None:
+            try:
+                close()
+            except Exception as e:  # it failed already; a failing close must not stop the run
+                print(f"warning: closing the failed engine: {e}")
         self.engine = build_engine(self.cfg, self.model, self.tokenizer, self.controller.version)
         if self.safe_weights is not None:  # never weights the trainer is changing right now
             version, weights = self.safe_weights
