@@ -473,28 +473,25 @@ class RewardRunner:
 
 def load_reward_fn(spec: str) -> Callable[[Problem, str], float | Score]:
     """Resolve ``"package.module:function"`` (attribute path after the colon may be dotted)."""
+    where = f"task.reward_fns: {spec!r}"
     if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ConfigError(f"task.reward_fns: {spec!r}: expected 'package.module:function'")
+        raise ConfigError(f"{where}: expected 'package.module:function'")
     mod_name, attr_path = (s.strip() for s in spec.split(":"))
     if not mod_name or not attr_path:
-        raise ConfigError(f"task.reward_fns: {spec!r}: expected 'package.module:function'")
+        raise ConfigError(f"{where}: expected 'package.module:function'")
     try:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
-        raise ConfigError(f"task.reward_fns: {spec!r}: module {e.name!r} not found") from None
+        raise ConfigError(f"{where}: module {e.name!r} not found") from None
     except Exception as e:
         raise ConfigError(
-            f"task.reward_fns: {spec!r}: importing {mod_name!r} failed: {type(e).__name__}: {e}"
+            f"{where}: importing {mod_name!r} failed: {type(e).__name__}: {e}"
         ) from None
     obj: Any = module
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(
-                f"task.reward_fns: {spec!r}: {mod_name!r} has no attribute {attr_path!r}"
-            )
+            raise ConfigError(f"{where}: {mod_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ConfigError(
-            f"task.reward_fns: {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a function"
-        )
+        raise ConfigError(f"{where}: {attr_path!r} is a {type(obj).__name__}, not a function")
     return obj
