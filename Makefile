@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 # CPU wheels of PyTorch: `pip install torch` from PyPI pulls a CUDA build on Linux. On a GPU
-# machine, install the torch build you want into .venv first (or set TORCH_INDEX).
+# machine, install the torch build you want into .venv first. The CPU build is pinned (+cpu)
+# and its index added beside the configured one, so the other packages come from there.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo simulate test lint bench clean
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first (unless one is installed), so the train extra does not pull
 	# a CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || \
-		$(BIN)/pip install -q --retries 1 "torch==2.13.0" --index-url $(TORCH_INDEX)
+		$(BIN)/pip install -q --retries 1 "torch==2.13.0+cpu" --extra-index-url $(TORCH_INDEX)
 	$(BIN)/pip install -q -e ".[train,dev]"
 	touch $(STAMP)
 
