@@ -189,3 +189,44 @@ def test_a_real_full_disk_is_caught_from_either_writer(tmp_path, limit, writer):
     assert load_checkpoint(root / "step-00000001")["step"] == 1
     size = (root / "step-00000001" / "model.safetensors").stat().st_size
     assert (limit < size) == (writer == "safetensors")  # the intended writer failed
+
+
+def _write_shards(folder):
+    """What a sharded trainer writes: a file per rank and a metadata file."""
+    folder.mkdir()
+    for rank in (0, 1):
+        (folder / f"__{rank}_0.distcp").write_bytes(bytes([rank]) * 100)
+    (folder / ".metadata").write_bytes(b"meta")
+
+
+def test_a_sharded_trainer_part_is_in_the_manifest_and_verified(tmp_path):
+    root = tmp_path / "ck"
+    ck = save_checkpoint(
+        root,
+        1,
+        model=_model(),
+        trainer_state={"trainer": None, "rng": torch.get_rng_state()},
+        controller_state={"format": 3},
+        run_state={},
+        keep=2,
+        sharded=_write_shards,
+    )
+    loaded = load_checkpoint(ck)
+    assert loaded["trainer_dcp"] == ck / "trainer_dcp"
+    files = json.loads((ck / "MANIFEST.json").read_text())["files"]
+    assert {"trainer_dcp/__0_0.distcp", "trainer_dcp/__1_0.distcp", "trainer_dcp/.metadata"} <= set(
+        files
+    )
+    assert load_checkpoint(_save(tmp_path / "plain", 1))["trainer_dcp"] is None
+    (ck / "trainer_dcp" / "__1_0.distcp").write_bytes(b"\0" * 100)  # one rank's part damaged
+    with pytest.raises(CheckpointError, match="__1_0.distcp: damaged"):
+        load_checkpoint(ck)
+
+
+def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused(tmp_path):
+    ck = _save(tmp_path, 1)
+    doc = json.loads((ck / "MANIFEST.json").read_text())
+    doc["files"]["../../etc/passwd"] = {"bytes": 1, "sha256": "0"}
+    (ck / "MANIFEST.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="leaves the checkpoint"):
+        load_checkpoint(ck)

@@ -7,6 +7,9 @@ A checkpoint is a directory `step-00000040/` under the run's `checkpoints/`:
                         plain containers only, loaded with `torch.load(weights_only=True)`
     controller.json     the controller and rollout buffer (cached partial responses included)
     run.json            the run's own position: metrics lines written, history, evaluations
+    trainer_dcp/        with trainer ranks in Ray actors: the model, optimizer and schedule,
+                        sharded (torch.distributed.checkpoint, each rank its own part); then
+                        trainer.pt holds only the RNG states
     MANIFEST.json       written last: every file's size and SHA-256
 
 It is written into a temporary directory, each file flushed to disk, then renamed into place,
@@ -21,12 +24,14 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sortedrl.errors import SortedRLError
 
 FILES = ("model.safetensors", "trainer.pt", "controller.json", "run.json")
+SHARDED = "trainer_dcp"  # the folder a sharded trainer writes its part into
 MANIFEST = "MANIFEST.json"
 PREFIX = "step-"
 
@@ -67,6 +72,7 @@ def save_checkpoint(
     controller_state: dict[str, Any],
     run_state: dict[str, Any],
     keep: int,
+    sharded: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint `step` under `root`, then prune: of the checkpoints of steps up to
     `step`, the newest `keep` by step number stay (this one always among them); any of a later
@@ -74,13 +80,16 @@ def save_checkpoint(
 
     On any error (a full disk, say: safetensors and torch raise their own error types) the
     temporary directory is removed, the previous checkpoints are untouched, and a
-    `CheckpointError` names both this checkpoint and the previous one."""
+    `CheckpointError` names both this checkpoint and the previous one.
+
+    `sharded(folder)`, when given, writes the trainer's sharded state into `trainer_dcp/`
+    (every rank its part); its files are in the manifest like the others."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_files(tmp, step, model, trainer_state, controller_state, run_state)
+        _write_files(tmp, step, model, trainer_state, controller_state, run_state, sharded)
         if final.exists():  # a rerun of the same step (after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -114,6 +123,7 @@ def _write_files(
     trainer_state: dict[str, Any],
     controller_state: dict[str, Any],
     run_state: dict[str, Any],
+    sharded: Callable[[Path], None] | None,
 ) -> None:
     import torch
     from safetensors.torch import save_model
@@ -127,12 +137,16 @@ def _write_files(
     torch.save(trainer_state, tmp / "trainer.pt")
     _write_json(tmp / "controller.json", controller_state)
     _write_json(tmp / "run.json", run_state)
-    for name in FILES:
+    names = list(FILES)
+    if sharded is not None:
+        sharded(tmp / SHARDED)
+        names += sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDED).rglob("*") if p.is_file())
+    for name in names:
         _fsync(tmp / name)
     manifest = {
         "step": step,
         "files": {
-            n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES
+            n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names
         },
     }
     _write_json(tmp / MANIFEST, manifest)
@@ -166,9 +180,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({e})") from None
-    for name in FILES:
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path / MANIFEST}: unreadable manifest (no file list)")
+    for name in sorted(set(FILES) | set(files)):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{path / MANIFEST}: file name {name!r} leaves the checkpoint")
         f = path / name
-        want = files.get(name) if isinstance(files, dict) else None
+        want = files.get(name)
         if not f.is_file() or want is None:
             raise CheckpointError(f"{f}: missing")
         if f.stat().st_size != want.get("bytes") or _sha256(f) != want.get("sha256"):
@@ -191,6 +209,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         "trainer": trainer_state,
         "controller": controller_state,
         "run": run_state,
+        # the trainer's sharded state (see SHARDED), or None when trainer.pt holds it
+        "trainer_dcp": path / SHARDED if any(n.startswith(SHARDED + "/") for n in files) else None,
     }
 
 

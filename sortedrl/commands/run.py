@@ -15,7 +15,6 @@ from sortedrl.commands.logger import RunLogger
 from sortedrl.commands.prepare import Prompts
 from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
-from sortedrl.engines.factory import build_engine
 from sortedrl.errors import SortedRLError
 from sortedrl.scheduling.controller import Controller, controller_state
 from sortedrl.scheduling.loop import EngineFailedError, RunResult, run
@@ -50,6 +49,7 @@ class Run:
         prompts: Prompts,
         scorer: Scorer,
         trainer: Any,
+        backend: Any,
         controller: Controller,
         state: RunState,
         logger: RunLogger,
@@ -57,6 +57,7 @@ class Run:
     ) -> None:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.prompts, self.scorer, self.trainer = prompts, scorer, trainer
+        self.backend = backend  # builds the engine (sortedrl.cluster.backend)
         self.controller, self.state, self.logger = controller, state, logger
         self.ckpt_root = out / "checkpoints"
         self.t_start = t_start
@@ -70,7 +71,7 @@ class Run:
         self.safe_weights: tuple[int, dict[str, Any]] | None = None
         if not controller.colocated:
             self._snapshot_weights()
-        self.engine: Engine = build_engine(cfg, model, tokenizer, controller.version)
+        self.engine: Engine = self._build_engine()
         self.clock = Clock(self.engine.capacity)
 
     # --- the loop's callbacks -----------------------------------------------------------------
@@ -123,7 +124,7 @@ class Run:
                 close()
             except Exception as e:  # it failed already; a failing close must not stop the run
                 print(f"warning: closing the failed engine: {e}")
-        self.engine = build_engine(self.cfg, self.model, self.tokenizer, self.controller.version)
+        self.engine = self._build_engine()
         if self.safe_weights is not None:  # never weights the trainer is changing right now
             version, weights = self.safe_weights
             self.engine.load_weights(weights, version)
@@ -150,11 +151,13 @@ class Run:
         ]
         saved_clock = self.state.clock
         doc = self.state.model_copy(update={"clock": saved_clock.plus(self.clock)}).to_json()
+        sharded = getattr(self.trainer, "save_checkpoint", None)  # ranks write their own parts
         return save_checkpoint(
             self.ckpt_root,
             step,
             model=self.model,
-            trainer_state={"trainer": self.trainer.state_dict(), "rng": rng},
+            trainer_state={"trainer": None if sharded else self.trainer.state_dict(), "rng": rng},
+            sharded=sharded,
             controller_state=controller_state(self.controller),
             run_state=doc,
             keep=self.cfg.checkpoint.keep,
@@ -269,6 +272,11 @@ class Run:
         return doc
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _build_engine(self) -> Engine:
+        return self.backend.engine(
+            self.model, self.tokenizer, self.controller.version, self.prompts.by_id
+        )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stop_signum is None:

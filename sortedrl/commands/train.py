@@ -46,8 +46,8 @@ def train(
     import torch
     from transformers.utils import logging as hf_logging
 
+    from sortedrl.cluster.backend import make_backend
     from sortedrl.scheduling.controller import Controller, restore_controller
-    from sortedrl.training.trainer import GRPOTrainer
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
     t_start = time.perf_counter()
@@ -71,6 +71,7 @@ def train(
         load_weights(model, resumed)
     t_model = time.perf_counter() - t_start
     scorer = make_scorer(cfg.task, task)
+    backend = None
     try:
         prompts = prepare_prompts(
             train_problems,
@@ -83,13 +84,8 @@ def train(
             state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems)
             state.evals.append({"step": 0, **state.eval_before})
 
-        trainer = GRPOTrainer(
-            model,
-            cfg.trainer,
-            device=cfg.model.device,
-            temperature=cfg.rollout.temperature,
-            seed=cfg.seed,
-        )
+        backend = make_backend(cfg)  # ray: connects and reserves the devices
+        trainer = backend.trainer(model)
         model.train()
         if resumed:
             try:
@@ -98,7 +94,7 @@ def train(
                 )
             except ValueError as e:
                 raise ConfigError(f"cannot resume from {resumed['path']}: {e}") from None
-            trainer.load_state_dict(resumed["trainer"]["trainer"])
+            load_trainer_state(trainer, resumed)
         else:
             controller = Controller(cfg.scheduler_config(), prompts.specs)
         logger = RunLogger(
@@ -119,6 +115,7 @@ def train(
                 prompts=prompts,
                 scorer=scorer,
                 trainer=trainer,
+                backend=backend,
                 controller=controller,
                 state=state,
                 logger=logger,
@@ -132,6 +129,8 @@ def train(
         finally:
             logger.finish()
     finally:
+        if backend is not None:
+            backend.close()
         scorer.close()
 
     resumed_from = str(resumed["path"]) if resumed else None
@@ -223,6 +222,23 @@ def load_weights(model: Any, resumed: dict[str, Any]) -> None:
             f"cannot resume from {resumed['path']}: its weights do not fit the model "
             f"({str(e)[:300]})"
         ) from None
+
+
+def load_trainer_state(trainer: Any, resumed: dict[str, Any]) -> None:
+    """The checkpoint's trainer state: sharded (trainer ranks in Ray actors) or in trainer.pt."""
+    sharded, state = resumed["trainer_dcp"], resumed["trainer"]["trainer"]
+    wants_sharded = hasattr(trainer, "load_checkpoint")
+    if wants_sharded and sharded is not None:
+        trainer.load_checkpoint(sharded)
+    elif not wants_sharded and state is not None:
+        trainer.load_state_dict(state)
+    else:
+        written, now = ("ray", "local") if sharded else ("local", "ray")
+        raise ConfigError(
+            f"cannot resume from {resumed['path']}: its trainer state was written with "
+            f"cluster.backend={written}, and this run uses cluster.backend={now}; resume with the "
+            "backend that wrote it"
+        )
 
 
 def run_settings(cfg: TrainConfig) -> dict[str, Any]:
