@@ -130,3 +130,17 @@ def test_a_layout_that_cannot_be_built_is_an_error_naming_the_option(tmp_path, a
     assert message in " ".join(res.output.split())
     assert "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_per_replica_bubbles_average_to_the_engine_bubble(tmp_path):
+    args = ["--policies", "sync,sorted-keep,partial,async", *R, "--gpus", "4"]
+    doc = _run(tmp_path, *args, "--layout", "separate", "--rollout-replicas", "3")
+    for name, p in doc["policies"].items():
+        per_replica = p["replica_bubble_ratio"]
+        assert len(per_replica) == p["rollout_replicas"] == 3, name
+        # Every replica has max_num_seqs slots: the engine's bubble is their mean.
+        assert sum(per_replica) / 3 == pytest.approx(p["bubble_ratio"], abs=2e-4), name
+    coloc = _run(tmp_path, "--policies", "sorted-keep", *R, "--gpus", "4")["policies"]
+    per_replica = coloc["sorted-keep"]["replica_bubble_ratio"]
+    assert len(per_replica) == 4
+    assert sum(per_replica) / 4 == pytest.approx(coloc["sorted-keep"]["bubble_ratio"], abs=2e-4)

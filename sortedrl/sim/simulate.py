@@ -226,6 +226,7 @@ def simulate(
         summary.update(split.as_dict())
         summary["gpu_busy_share"] = _gpu_busy_share(summary, split)
         summary["capacity"] = result.clock.capacity
+        summary["replica_bubble_ratio"] = _replica_bubbles(result, spec)
         results[name] = summary
         timelines[name] = result.clock.timeline.series()
     base = results.get("sync")
@@ -279,6 +280,14 @@ def _best_split(
     if report is not None and len(candidates) > 1:
         report(best[0].summary["prompts_trained"])
     return best
+
+
+def _replica_bubbles(result: RunResult, spec: ClusterSpec) -> list[float]:
+    """Each replica's bubble ratio over the engine's generating time."""
+    engine = result.engine
+    assert isinstance(engine, SimulatedEngine)
+    slots = spec.max_num_seqs * result.clock.generating_s
+    return [round(1.0 - b / slots, 4) if slots else 0.0 for b in engine.replica_busy_slot_s()]
 
 
 def _gpu_busy_share(summary: dict[str, Any], split: Split) -> float:
