@@ -47,7 +47,7 @@ STUDIES: list[tuple[str, list[str], LayoutSettings]] = [
     ],
     *[
         (f"separate {r}x4+{GPUS - 4 * r}", ["async"], LayoutSettings(gpus=GPUS, rollout_replicas=r))
-        for r in (4, 6, 10, 14)
+        for r in (4, 6, 7, 9, 10, 14)
     ],
 ]
 

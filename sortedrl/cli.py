@@ -87,8 +87,7 @@ def _cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--gpus",
         type=int,
         default=None,
-        help="GPUs of the simulated cluster [default: the preset's; colocated with "
-        "--rollout-replicas: replicas x tp]",
+        help="GPUs of the simulated cluster, for every policy of the study [default: the preset's]",
     )(fn)
 
 

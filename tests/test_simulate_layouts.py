@@ -144,3 +144,12 @@ def test_per_replica_bubbles_average_to_the_engine_bubble(tmp_path):
     per_replica = coloc["sorted-keep"]["replica_bubble_ratio"]
     assert len(per_replica) == 4
     assert sum(per_replica) / 4 == pytest.approx(coloc["sorted-keep"]["bubble_ratio"], abs=2e-4)
+
+
+def test_colocated_replicas_must_cover_the_preset_gpus_when_no_gpu_count_is_given(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["simulate", *SMALL, "--policies", "sync", "--rollout-replicas", "4"]
+    res = CliRunner().invoke(main, [*args, "--json", str(out)])
+    assert res.exit_code == 2
+    assert "= 4 GPUs, but --gpus is 2 (preset 'test-tiny')" in " ".join(res.output.split())
+    assert not out.exists()

@@ -127,10 +127,12 @@ def _colocated(c: LayoutSettings, spec: ClusterSpec, policy: str) -> Split:
         )
     replicas = c.rollout_replicas if c.rollout_replicas is not None else gpus // tp
     used = replicas * tp
-    if c.gpus is not None and c.rollout_replicas is not None and used != gpus:
+    if c.rollout_replicas is not None and used != gpus:
+        of = "" if c.gpus is not None else f" (preset '{spec.name}')"
         raise ConfigError(
             f"{how}: --rollout-replicas {replicas} x --tensor-parallel-size {tp} = {used} GPUs, "
-            f"but --gpus is {gpus}; every GPU serves rollout and trains, so they must be equal"
+            f"but --gpus is {gpus}{of}; every GPU serves rollout and trains, so they must be "
+            "equal"
         )
     if c.rollout_replicas is None and gpus % tp:
         raise ConfigError(
