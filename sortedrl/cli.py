@@ -64,6 +64,33 @@ def _scheduler_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--gpus` and one option per `ClusterConfig` field a simulated run reads, under the
+    field's name, with its description and what it defaults to in a simulation."""
+    from sortedrl.sim.layout import CLUSTER_FIELDS, description, flag
+
+    simulated = {
+        "rollout_replicas": "Simulated: tp GPUs each [default: colocated: GPUs / tp; "
+        "separate: the GPUs left beside --trainer-ranks, or with neither every whole-replica "
+        "split, the best goodput reported]",
+        "trainer_ranks": "Simulated: one GPU each [default: colocated: every GPU, and nothing "
+        "else is allowed; separate: the GPUs left beside the replicas]",
+        "tensor_parallel_size": "Simulated: any model [default: the preset's tp]",
+        "layout": "Simulated: separate sync/sorted/partial runs take turns on their own "
+        "devices, without pausing the engine (sortedrl.sim.layout)",
+    }
+    for name in reversed(CLUSTER_FIELDS):
+        help_text = f"cluster.{name} of `sortedrl train` ({description(name)}). {simulated[name]}"
+        kind = click.Choice(["colocated", "separate"]) if name == "layout" else int
+        fn = click.option(flag(name), type=kind, default=None, help=help_text)(fn)
+    return click.option(
+        "--gpus",
+        type=int,
+        default=None,
+        help="GPUs of the simulated cluster, for every policy of the study [default: the preset's]",
+    )(fn)
+
+
 def _preset_help() -> str:
     from sortedrl.engines.costmodel import PRESETS
 
@@ -88,13 +115,7 @@ def _preset_help() -> str:
     help="prompts to simulate [default: all of --trace, else 2048]",
 )
 @_scheduler_options
-@click.option(
-    "--async-rollout-gpus",
-    type=int,
-    default=None,
-    help="async: GPUs for rollout, a multiple of the preset's tp below its GPU count "
-    "[default: simulate every such split, report the best goodput]",
-)
+@_cluster_options
 @click.option(
     "--solve-rate",
     type=float,
@@ -120,6 +141,7 @@ def simulate(**kw: Any) -> None:
     from sortedrl.engines.costmodel import get_preset
     from sortedrl.io import write_json_atomic
     from sortedrl.scheduling.config import SchedulerConfig
+    from sortedrl.sim.layout import CLUSTER_FIELDS, LayoutSettings
     from sortedrl.sim.simulate import (
         DEFAULT_PROMPTS,
         SimSettings,
@@ -153,7 +175,7 @@ def simulate(**kw: Any) -> None:
         prompts=prompts,
         scheduler=scheduler,
         seed=kw["seed"],
-        async_rollout_gpus=kw["async_rollout_gpus"],
+        cluster=LayoutSettings(**{k: kw[k] for k in ("gpus", *CLUSTER_FIELDS)}),
         solve_rate=kw["solve_rate"],
         epochs=kw["epochs"],
     )
@@ -180,6 +202,12 @@ def simulate(**kw: Any) -> None:
         console.print(f"wrote {kw['plot_path']}")
 
 
+def _layout_cell(p: dict[str, Any]) -> str:
+    """`colocated 4x4` (replicas x tp, training on the same GPUs) or `separate 2x4+8`."""
+    cell = f"{p['layout']} {p['rollout_replicas']}x{p['tensor_parallel_size']}"
+    return cell if p["layout"] == "colocated" else f"{cell}+{p['trainer_ranks']}"
+
+
 def _print_sim_table(doc: dict[str, Any]) -> None:
     s = doc["settings"]
     table = Table(
@@ -188,6 +216,7 @@ def _print_sim_table(doc: dict[str, Any]) -> None:
     )
     cols = [
         ("policy", None),
+        ("layout", None),
         ("bubble", "bubble_ratio"),
         ("wall (s)", "wall_time_s"),
         ("rollout (s)", "rollout_time_s"),
@@ -205,6 +234,7 @@ def _print_sim_table(doc: dict[str, Any]) -> None:
         vs = p.get("vs_sync")
         table.add_row(
             name,
+            _layout_cell(p),
             f"{p['bubble_ratio']:.1%}",
             f"{p['wall_time_s']:.0f}",
             f"{p['rollout_time_s']:.0f}",

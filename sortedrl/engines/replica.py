@@ -64,6 +64,7 @@ class Replica:
         "ev_step",
         "dirty",
         "decode",
+        "busy_slot_s",
     )
 
     def __init__(self, idx: int, version: int, decode: Callable[[int, int, int], float]):
@@ -83,6 +84,7 @@ class Replica:
         self.ev_step = 0
         self.dirty = False  # state changed since its event was computed
         self.decode = decode  # CostModel.decode_steps_time(running, kv, steps)
+        self.busy_slot_s = 0.0  # sequence-seconds run on this replica (its share of busy)
 
     def mark(self, m: int, version: int) -> None:
         """Steps after boundary `m` run `version`."""

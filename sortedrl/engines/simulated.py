@@ -139,6 +139,12 @@ class SimulatedEngine:
     def replicas(self) -> tuple[Replica, ...]:
         return tuple(self._reps)
 
+    def replica_busy_slot_s(self) -> list[float]:
+        """Sequence-seconds each replica ran (the engine's `busy_slot_s`, per replica): its
+        bubble ratio is `1 - busy / (max_num_seqs * generating time)`. Credited at the
+        replica's step boundaries; the step in progress at an abort counts in full here."""
+        return [r.busy_slot_s for r in self._reps]
+
     @property
     def num_running(self) -> int:
         return self._running
@@ -269,6 +275,7 @@ class SimulatedEngine:
                     k = r.floor_steps(self._now)
                     if k:
                         self._advance(r, k, r.t + r.pre + cost.decode_steps_time(r.n, r.kv, k))
+                    r.busy_slot_s += r.n * max(0.0, self._now - r.t)  # the step dropped
                 for order, q in r.stack:
                     if q.order == order and q.state == RUNNING:
                         out.append(self._stop(r, q, "abort"))
@@ -312,6 +319,7 @@ class SimulatedEngine:
         """Move replica `r` forward `k` decode steps, to boundary time `t`."""
         if k <= 0:
             return
+        r.busy_slot_s += r.n * (t - r.t)
         r.t = t
         r.s += k
         r.kv += r.n * k

@@ -23,6 +23,7 @@ from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import RunResult, Scorer, run
 from sortedrl.scheduling.protocol import Generation
 from sortedrl.scheduling.state import PromptSpec
+from sortedrl.sim.layout import LayoutSettings, Split, cluster_spec, splits
 from sortedrl.workload import Workload, default_lengths_spec
 
 # `sorted-drop` / `sorted-keep` let one run compare both cache policies.
@@ -41,7 +42,8 @@ class SimSettings:
     prompts: int
     scheduler: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    async_rollout_gpus: int | None = None  # None: try the splits and keep the best goodput
+    # GPUs and the rollout / training split (`sortedrl.sim.layout`); empty: the preset's
+    cluster: LayoutSettings = field(default_factory=LayoutSettings)
     solve_rate: float | None = None  # None: no rewards (all 0); see `solve_rate_scorer`
     epochs: int = 1  # passes over the prompts; each pass draws fresh lengths per prompt
 
@@ -115,8 +117,6 @@ def check_settings(s: SimSettings, spec: ClusterSpec) -> None:
                 f"{_flag(key)} is set, but no policy in --policies reads it "
                 f"({'; '.join(dict.fromkeys(r for r in reasons if r))})"
             )
-    if s.async_rollout_gpus is not None and "async" not in s.policies:
-        raise ConfigError("--async-rollout-gpus is set, but --policies has no async")
     if s.solve_rate is not None and not 0.0 <= s.solve_rate <= 1.0:
         raise ConfigError(f"--solve-rate must be in [0, 1], got {s.solve_rate}")
     if s.scheduler.get("filter_equal_rewards") and s.solve_rate is None:
@@ -132,6 +132,7 @@ def check_settings(s: SimSettings, spec: ClusterSpec) -> None:
         )
     for name in s.policies:
         scheduler_config(s, name, spec.response_cap)
+        splits(s.cluster, spec, name)
 
 
 def scheduler_config(s: SimSettings, name: str, cap: int) -> SchedulerConfig:
@@ -160,11 +161,13 @@ def run_policy(
     workload: Workload,
     spec: ClusterSpec,
     progress: Callable[[int], None] | None = None,
-    rollout_gpus: int | None = None,
+    split: Split | None = None,
 ) -> RunResult:
+    """One policy on `split` (`sortedrl.sim.layout`); None: every GPU of `spec` rolls out
+    and trains, the engine paused for updates."""
     cfg = scheduler_config(s, name, spec.response_cap)
-    engine_gpus = rollout_gpus if rollout_gpus is not None else spec.gpus
-    train_gpus = spec.gpus - rollout_gpus if rollout_gpus is not None else spec.gpus
+    engine_gpus = spec.gpus if split is None else split.rollout_gpus
+    train_gpus = spec.gpus if split is None else split.trainer_ranks
     engine = SimulatedEngine(spec, workload, gpus=engine_gpus)
     trainer = CostModelTrainer(spec, gpus=train_gpus)
     controller = Controller(cfg, _prompt_specs(workload, spec, s.prompts, s.epochs))
@@ -174,7 +177,11 @@ def run_policy(
             progress(record.samples // cfg.group_size)
 
     scorer = None if s.solve_rate is None else solve_rate_scorer(s.seed, s.solve_rate)
-    return run(controller, engine, trainer, scorer=scorer, on_update=on_update)
+    # Separate devices: the engine keeps its KV cache across an update (nothing to free).
+    pause = split is None or split.layout == "colocated"
+    return run(
+        controller, engine, trainer, scorer=scorer, on_update=on_update, pause_for_update=pause
+    )
 
 
 def solve_rate_scorer(seed: int, rate: float) -> Scorer:
@@ -195,20 +202,15 @@ def solve_rate_scorer(seed: int, rate: float) -> Scorer:
     return score
 
 
-def async_splits(spec: ClusterSpec) -> list[int]:
-    """Candidate GPU counts for rollout in an async run: whole replicas, leaving >= 1 GPU to
-    train."""
-    return [g for g in range(spec.tp, spec.gpus, spec.tp)]
-
-
 def simulate(
     s: SimSettings,
     workload: Workload,
     progress: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run every policy; returns the JSON document (`{"policies": {...}, "settings": ...}`)."""
-    spec = get_preset(s.preset)
-    CostModel(spec)  # validate the preset fits before spending time
+    preset = get_preset(s.preset)
+    CostModel(preset)  # validate the preset fits before spending time
+    spec = cluster_spec(s.cluster, preset)
     if s.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {s.epochs}")
     if s.prompts > len(workload):
@@ -218,15 +220,13 @@ def simulate(
     timelines: dict[str, Any] = {}
     for name in s.policies:
         report = (lambda n, name=name: progress(name, n)) if progress else None
-        if name == "async":
-            result, split = _best_async(s, workload, spec, report)
-        else:
-            result, split = run_policy(s, name, workload, spec, report), None
+        result, split = _best_split(s, name, workload, spec, report)
         summary = dict(result.summary)
         summary["update_times_s"] = [round(u.time_s, 3) for u in result.controller.ledger.updates]
-        if split is not None:
-            summary["rollout_gpus"], summary["train_gpus"] = split
+        summary.update(split.as_dict())
+        summary["gpu_busy_share"] = _gpu_busy_share(summary, split)
         summary["capacity"] = result.clock.capacity
+        summary["replica_bubble_ratio"] = _replica_bubbles(result, spec)
         results[name] = summary
         timelines[name] = result.clock.timeline.series()
     base = results.get("sync")
@@ -247,7 +247,9 @@ def simulate(
         "max_new_tokens": spec.response_cap,
         **s.scheduler,
         "seed": s.seed,
-        "async_rollout_gpus": s.async_rollout_gpus,
+        "cluster": s.cluster.given(),
+        "gpus": spec.gpus,
+        "tensor_parallel_size": spec.tp,
         "solve_rate": s.solve_rate,
         "preset_description": CostModel(spec).describe(),
     }
@@ -258,29 +260,49 @@ def simulate(
     }
 
 
-def _best_async(s, workload, spec, report):
-    splits = [s.async_rollout_gpus] if s.async_rollout_gpus is not None else async_splits(spec)
-    if not splits:
-        raise ConfigError(
-            f"async needs separate rollout and training GPUs; preset '{spec.name}' has "
-            f"{spec.gpus} GPUs with tensor-parallel size {spec.tp}"
-        )
-    best = None
-    for g in splits:
-        if g % spec.tp or not 0 < g < spec.gpus:
-            raise ConfigError(
-                f"--async-rollout-gpus {g}: must be a multiple of tp={spec.tp} below {spec.gpus}"
-            )
-        result = run_policy(s, "async", workload, spec, report if len(splits) == 1 else None, g)
-        if (
-            best is None
-            or result.summary["goodput_tokens_per_s"] > best[0].summary["goodput_tokens_per_s"]
-        ):
-            best = (result, (g, spec.gpus - g))
+def _best_split(
+    s: SimSettings,
+    name: str,
+    workload: Workload,
+    spec: ClusterSpec,
+    report: Callable[[int], None] | None,
+) -> tuple[RunResult, Split]:
+    """Policy `name` on its layout; with several candidate splits, the best goodput."""
+    candidates = splits(s.cluster, spec, name)
+    best: tuple[RunResult, Split] | None = None
+    for split in candidates:
+        one = report if len(candidates) == 1 else None
+        result = run_policy(s, name, workload, spec, one, split)
+        goodput = result.summary["goodput_tokens_per_s"]
+        if best is None or goodput > best[0].summary["goodput_tokens_per_s"]:
+            best = (result, split)
     assert best is not None
-    if report is not None and len(splits) > 1:
+    if report is not None and len(candidates) > 1:
         report(best[0].summary["prompts_trained"])
     return best
+
+
+def _replica_bubbles(result: RunResult, spec: ClusterSpec) -> list[float]:
+    """Each replica's bubble ratio over the engine's generating time."""
+    engine = result.engine
+    assert isinstance(engine, SimulatedEngine)
+    slots = spec.max_num_seqs * result.clock.generating_s
+    return [round(1.0 - b / slots, 4) if slots else 0.0 for b in engine.replica_busy_slot_s()]
+
+
+def _gpu_busy_share(summary: dict[str, Any], split: Split) -> float:
+    """Share of the study's GPU-seconds spent generating or training (idle: the rest, e.g.
+    the rollout GPUs of a separate layout while a sync update runs)."""
+    wall = summary["wall_time_s"]
+    if wall <= 0:
+        return 0.0
+    busy = (
+        summary["rollout_time_s"] * split.rollout_gpus
+        + summary["update_time_s"] * split.trainer_ranks
+    )
+    if split.layout == "colocated":
+        busy = (summary["rollout_time_s"] + summary["update_time_s"]) * split.gpus
+    return busy / (split.gpus * wall)
 
 
 def _ratio(a: float, b: float) -> float | None:
