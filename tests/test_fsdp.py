@@ -47,7 +47,11 @@ WORLD = 2
 SEED = 7
 TOL = 1e-5
 
-BASE = dict(lr=1e-2, truncated="mask", max_tokens_per_micro_batch=16)
+# AdamW moves a weight by about lr * g / (|g| + adam_eps): with the default eps (1e-8) a
+# gradient that is zero up to float rounding (different on one process and on two ranks, which
+# add the same terms in another order) can move a weight by up to lr. A larger eps keeps the
+# comparison at rounding level; a wrong gradient still moves weights by ~lr = 1e-3 >> 1e-5.
+BASE = dict(lr=1e-3, adam_eps=1e-6, truncated="mask", max_tokens_per_micro_batch=16)
 SCENARIOS: dict[str, tuple[TrainerConfig, int, float | None]] = {
     # name: (config, updates, divide factor forced onto the group, None = the right one)
     "one_update": (TrainerConfig(**BASE), 1, None),

@@ -23,7 +23,14 @@ from sortedrl.training.trainer import GRPOTrainer  # noqa: E402
 from tests.ray_cluster import ray_local  # noqa: E402, F401
 
 SEED = 5
-TRAINER = {"lr": 1e-2, "truncated": "mask", "mini_batches": 2, "max_tokens_per_micro_batch": 16}
+# lr and adam_eps as in test_fsdp.py (see there why)
+TRAINER = {
+    "lr": 1e-3,
+    "adam_eps": 1e-6,
+    "truncated": "mask",
+    "mini_batches": 2,
+    "max_tokens_per_micro_batch": 16,
+}
 
 
 def config(ranks: int) -> TrainConfig:
