@@ -19,6 +19,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -134,6 +136,18 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 # --- the tests -------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 50), max_size=40), st.integers(1, 4))
+def test_token_shares_partition_the_rows_and_balance_their_tokens(lengths, world):
+    shares = token_shares(lengths, world)
+    assert len(shares) == world
+    assert sorted(i for s in shares for i in s) == list(range(len(lengths)))
+    assert shares == token_shares(lengths, world)  # the same on every rank
+    loads = [sum(lengths[i] for i in s) for s in shares]
+    # greedy longest-first: no share exceeds another by more than one row
+    assert max(loads) - min(loads) <= max(lengths, default=0)
 
 
 def test_the_batch_splits_unevenly_over_the_two_ranks():

@@ -188,7 +188,11 @@ def set_gradient_reduction(model: nn.Module, divide_factor: float) -> None:
 class FSDPTrainer:
     """One rank's GRPO trainer: `model` sharded over the default group (initialised first),
     `GRPOTrainer` with `ProcessGroupParallel`, sharded checkpoints. All ranks call every method
-    together (each is collective). `update` returns the weights on rank 0 only."""
+    together (each is collective). `update` returns the weights on rank 0 only.
+
+    `model` is moved whole to `device` before it is sharded, so each rank holds a full copy
+    for a moment (fine for the models this runs on; a model too big for one device would need
+    to be built on the meta device and loaded shard by shard, which this does not do)."""
 
     virtual_time = False
 
@@ -239,7 +243,11 @@ class FSDPTrainer:
 
     def save(self, path: Path) -> None:
         """Write the model, the optimizer (each rank its shards), the schedule, the counters
-        and the mini-batch RNG to the directory `path` with torch.distributed.checkpoint."""
+        and the mini-batch RNG to the directory `path` with torch.distributed.checkpoint.
+
+        Saved before the first optimizer step, the optimizer state is what torch's state-dict
+        API makes of an empty AdamW (one zero-gradient step at lr 0: the weights do not move,
+        but Adam's step count is 1 from then on)."""
         dcp.save(self._state(), checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
