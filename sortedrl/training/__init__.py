@@ -11,7 +11,7 @@ from typing import Any
 
 _WHERE = {
     "GRPOTrainer": "trainer",
-    "build_rows": "trainer",
+    "build_rows": "rows",
     "lr_factor": "trainer",
     "TrainerConfig": "config",
     "aggregate": "loss",

@@ -130,6 +130,11 @@ def aggregate(
     raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGGS}")
 
 
+#: The keys of `LossOutput.sums` (masked token sums) and `LossOutput.maxes` (masked maxima).
+TOKEN_SUMS: tuple[str, ...] = ("clip", "ratio", "is_weight", "is_truncated", "approx_kl", "kl")
+TOKEN_MAXES: tuple[str, ...] = ("is_weight", "ratio")
+
+
 @dataclass
 class LossOutput:
     """The loss of one (micro-)batch and the raw sums its metrics are made of.
@@ -275,19 +280,14 @@ def summarize(outputs: list[LossOutput]) -> dict[str, float]:
     is_truncated_frac, approx_kl (current vs proximal, k3), kl (k3 to the reference)."""
     if not outputs:
         return {}
-    keys = sorted(outputs[0].sums)
+    keys = sorted(TOKEN_SUMS)
     sums = torch.stack([torch.stack([o.sums[k] for k in keys]) for o in outputs]).sum(0).tolist()
-    maxes = torch.stack(
-        [torch.stack([o.maxes[k] for k in ("is_weight", "ratio")]) for o in outputs]
-    )
+    maxes = torch.stack([torch.stack([o.maxes[k] for k in TOKEN_MAXES]) for o in outputs])
     peaks = maxes.max(0).values.tolist()
     n = float(sum(o.n_tokens for o in outputs))
     d = max(n, 1.0)
     tot = dict(zip(keys, sums, strict=True))
-    peak = {
-        k: (v if v != float("-inf") else 0.0)
-        for k, v in zip(("is_weight", "ratio"), peaks, strict=True)
-    }
+    peak = {k: (v if v != float("-inf") else 0.0) for k, v in zip(TOKEN_MAXES, peaks, strict=True)}
 
     def total(key: str) -> float:
         return tot[key]

@@ -14,6 +14,11 @@ One `update(batch)`:
    length-sorted micro-batches packed to `max_tokens_per_micro_batch` tokens, clips the
    gradient norm and steps AdamW and the warm-up + cosine schedule. A non-finite loss or
    gradient skips that step (no parameter change, counted in the stats).
+
+Data parallelism goes through one object, `dp` (`sortedrl.training.parallel`): it says
+which rows of a mini-batch this process trains, keeps the processes' passes in step, reduces
+the statistics and gathers the weights. The default is one process, for which every one of
+those is the identity, so the code below reads as the single-process algorithm.
 """
 
 from __future__ import annotations
@@ -27,17 +32,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sortedrl.scheduling.protocol import TrainGroup, TrainSample, UpdateBatch, UpdateResult
+from sortedrl.scheduling.protocol import UpdateBatch, UpdateResult
 from sortedrl.training.config import TrainerConfig
 from sortedrl.training.loss import (
     LossOutput,
-    group_advantages,
     policy_loss,
     summarize,
     token_entropy,
     token_logprobs,
 )
 from sortedrl.training.packing import MicroBatch, Row, collate, plan_micro_batches
+from sortedrl.training.parallel import DataParallel
+from sortedrl.training.rows import build_rows
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:
@@ -55,127 +61,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def expand_versions(version_spans: list[tuple[int, int]], n_tokens: int, where: str) -> Tensor:
-    """Per-token policy versions from run-length spans `[(version, count), ...]`."""
-    if sum(c for _, c in version_spans) != n_tokens:
-        raise ValueError(
-            f"{where}: version_spans cover {sum(c for _, c in version_spans)} tokens, "
-            f"n_tokens is {n_tokens}"
-        )
-    if any(c < 0 for _, c in version_spans):
-        raise ValueError(f"{where}: negative count in version_spans")
-    if not version_spans:
-        return torch.zeros(0, dtype=torch.long)
-    versions = torch.tensor([v for v, _ in version_spans], dtype=torch.long)
-    counts = torch.tensor([c for _, c in version_spans], dtype=torch.long)
-    return torch.repeat_interleave(versions, counts)
-
-
-def build_rows(batch: UpdateBatch, cfg: TrainerConfig) -> tuple[list[Row], dict[str, float]]:
-    """Rows of `batch` and statistics of what went in (rewards, lengths, staleness).
-
-    Advantages are computed over each whole group, truncated members included with their
-    reward; `cfg.truncated` then decides whether a truncated response is trained (`keep`),
-    left out of the loss (`mask`), or trained with advantage 0 (`zero_advantage`: only the KL
-    term acts on it, and its tokens count in the normalisers). Zero-length responses take part
-    in their group's advantage but have no token to train.
-    """
-    rows: list[Row] = []
-    rewards_all: list[float] = []
-    stale_sum = 0
-    stale_max = 0
-    stale_tokens = 0
-    n_tokens = 0
-    n_truncated = 0
-    n_masked = 0
-    n_empty = 0
-    zero_adv_groups = 0
-    adv_abs: list[float] = []
-    for g in batch.groups:
-        where_g = f"group {g.prompt_id!r}"
-        if not g.samples:
-            raise ValueError(f"{where_g}: no samples")
-        if g.prompt_token_ids is None:
-            raise ValueError(f"{where_g}: prompt_token_ids is None (the trainer needs token ids)")
-        if len(g.prompt_token_ids) < 1:
-            raise ValueError(f"{where_g}: empty prompt (prepend BOS)")
-        rewards = [float(s.reward) for s in g.samples]
-        rewards_all.extend(rewards)
-        if max(rewards) == min(rewards):
-            zero_adv_groups += 1
-        adv = group_advantages(torch.tensor([rewards]), cfg.normalize_std, cfg.adv_eps)[0].tolist()
-        for s, a in zip(g.samples, adv, strict=True):
-            row = _sample_row(batch.version, g, s, a, cfg)
-            n_tokens += s.n_tokens
-            if s.finish_reason == "length":
-                n_truncated += 1
-            if row is None:
-                n_empty += 1
-                continue
-            if row.n_loss_tokens == 0:
-                n_masked += 1
-            stale_sum += int(row.staleness.sum())
-            stale_max = max(stale_max, int(row.staleness.max()))
-            stale_tokens += int((row.staleness > 0).sum())
-            adv_abs.append(abs(row.advantage))
-            rows.append(row)
-    n_samples = len(rewards_all)
-    stats = {
-        "groups": float(len(batch.groups)),
-        "samples": float(n_samples),
-        "tokens": float(n_tokens),
-        "loss_tokens": float(sum(r.n_loss_tokens for r in rows)),
-        "response_len_mean": n_tokens / max(n_samples, 1),
-        "reward_mean": sum(rewards_all) / max(n_samples, 1),
-        "adv_abs_mean": sum(adv_abs) / max(len(adv_abs), 1),
-        "zero_adv_group_frac": zero_adv_groups / max(len(batch.groups), 1),
-        "truncated": float(n_truncated),
-        "masked_samples": float(n_masked),
-        "empty_samples": float(n_empty),
-        "staleness_max": float(stale_max),
-        "staleness_mean": stale_sum / max(n_tokens, 1),
-        "stale_token_frac": stale_tokens / max(n_tokens, 1),
-    }
-    return rows, stats
-
-
-def _sample_row(
-    version: int, g: TrainGroup, s: TrainSample, adv: float, cfg: TrainerConfig
-) -> Row | None:
-    where = f"group {g.prompt_id!r} sample {s.sample_index}"
-    if s.finish_reason not in ("stop", "length"):
-        raise ValueError(f"{where}: finish_reason {s.finish_reason!r} cannot be trained")
-    if s.token_ids is None:
-        raise ValueError(f"{where}: token_ids is None (the trainer needs token ids)")
-    if len(s.token_ids) != s.n_tokens:
-        raise ValueError(f"{where}: {len(s.token_ids)} token_ids but n_tokens is {s.n_tokens}")
-    if s.logprobs is not None and len(s.logprobs) != s.n_tokens:
-        raise ValueError(f"{where}: {len(s.logprobs)} logprobs but n_tokens is {s.n_tokens}")
-    versions = expand_versions(s.version_spans, s.n_tokens, where)
-    staleness = version - versions
-    if s.n_tokens and int(staleness.min()) < 0:
-        raise ValueError(f"{where}: token from version {int(versions.max())} > batch {version}")
-    if s.n_tokens == 0:
-        return None
-    mask = torch.ones(s.n_tokens)
-    if s.finish_reason == "length":
-        if cfg.truncated == "mask":
-            mask.zero_()
-        elif cfg.truncated == "zero_advantage":
-            adv = 0.0
-    behav = None
-    if cfg.behav_is_correction and s.logprobs is not None:
-        behav = torch.tensor(s.logprobs, dtype=torch.float32)
-    return Row(
-        input_ids=list(g.prompt_token_ids or []) + list(s.token_ids),
-        prompt_len=len(g.prompt_token_ids or []),
-        advantage=float(adv),
-        mask=mask,
-        staleness=staleness,
-        logp_behav=behav,
-    )
-
-
 class GRPOTrainer:
     """Clipped-surrogate GRPO (decoupled for stale tokens) on a causal LM; see module docs.
 
@@ -183,6 +68,8 @@ class GRPOTrainer:
     `kl_coef > 0` a frozen reference is kept: `ref_model`, or a copy of `model` as it is now.
     `temperature` is the engine's sampling temperature: log-probs are recomputed at it, so a
     fresh token's importance weight is 1. `seed` seeds the mini-batch split (the run's seed).
+    `dp` makes this one rank of a data-parallel group (`sortedrl.training.distributed`); every
+    rank then gets the whole batch, the same `seed`, and a `model` already sharded.
     """
 
     virtual_time = False
@@ -196,6 +83,7 @@ class GRPOTrainer:
         *,
         temperature: float = 1.0,
         seed: int = 0,
+        dp: DataParallel | None = None,
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -204,6 +92,7 @@ class GRPOTrainer:
         elif isinstance(config, dict):
             config = TrainerConfig.from_dict(config)
         self.config = config
+        self.dp = dp if dp is not None else DataParallel()
         self.temperature = float(temperature)
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -318,7 +207,7 @@ class GRPOTrainer:
         stats["elapsed_s"] = elapsed
         return UpdateResult(
             elapsed_s=elapsed,
-            weights=self.model.state_dict(),
+            weights=self.dp.full_state_dict(self.model),
             stats={k: float(v) for k, v in stats.items()},
             skipped=taken == 0,
         )
@@ -327,8 +216,15 @@ class GRPOTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, schedule and counters (the model's weights are saved separately)."""
+        return {"optimizer": self.optimizer.state_dict(), **self.progress_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_progress_state(state)
+
+    def progress_state(self) -> dict[str, Any]:
+        """The schedule, the counters and the mini-batch RNG: the same on every rank."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "updates": self.updates,
@@ -337,8 +233,7 @@ class GRPOTrainer:
             "generator": self._gen.get_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_progress_state(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.updates = int(state.get("updates", 0))
@@ -381,64 +276,79 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _fill(self, rows: list[Row], attr: str, model: nn.Module) -> None:
-        """Set `rows[i].<attr>` to `model`'s log-probs of each response (no gradient)."""
-        plan = plan_micro_batches([r.length for r in rows], self.config.max_tokens_per_micro_batch)
-        for idx in plan:
+        """Set `rows[i].<attr>` to `model`'s log-probs of each response (no gradient). Each
+        rank computes its share of the rows; `dp` then hands every rank the others' values."""
+        mine = self.dp.share(rows)
+        plan = plan_micro_batches(
+            [rows[i].length for i in mine], self.config.max_tokens_per_micro_batch
+        )
+        for k in range(self.dp.max_over_ranks(len(plan))):
+            if k >= len(plan):
+                self._idle_pass(model, backward=False)
+                continue
+            idx = [mine[j] for j in plan[k]]
             mb = collate(rows, idx, self.pad_id, self.device)
             logp = token_logprobs(self._logits(model, mb), mb.targets, self.temperature)
             for i, v in zip(idx, mb.scatter(logp), strict=True):
                 setattr(rows[i], attr, v)
+        self.dp.gather_rows(rows, mine, attr)
+
+    def _idle_pass(self, model: nn.Module, backward: bool) -> None:
+        """A forward (and backward) of one padding row that adds nothing to any gradient. A rank
+        with fewer micro-batches than another runs these, so that every rank makes the same
+        collective calls (a sharded model gathers its weights in each pass)."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
+        with torch.set_grad_enabled(backward), self._autocast():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        if backward:
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            (logits.float().sum() * 0.0).backward()
 
     def _step(self, rows: list[Row], want_entropy: bool) -> dict[str, Any]:
-        """One optimizer step over `rows`, accumulated over micro-batches."""
+        """One optimizer step over the mini-batch `rows`, of which this rank trains its share,
+        accumulated over micro-batches."""
         cfg = self.config
+        # The whole mini-batch's normalisers, on every rank: the ranks' losses then add up to
+        # the mini-batch's loss, and their gradients (summed by the group) to its gradient.
         num_tokens = sum(r.n_loss_tokens for r in rows)
         num_seqs = sum(1 for r in rows if r.n_loss_tokens > 0)
-        plan = plan_micro_batches([r.length for r in rows], cfg.max_tokens_per_micro_batch)
+        mine = self.dp.share(rows)
+        plan = plan_micro_batches([rows[i].length for i in mine], cfg.max_tokens_per_micro_batch)
         self.optimizer.zero_grad(set_to_none=True)
         outputs: list[LossOutput] = []
         padded = real = 0
         ent_sum = torch.zeros((), device=self.device)
         ent_n = 0.0
         ok = True
-        for idx in plan:
+        for k in range(self.dp.max_over_ranks(len(plan))):
+            if k >= len(plan) or not ok:
+                if self.dp.world == 1:
+                    break
+                self._idle_pass(self.model, backward=True)
+                continue
+            idx = [mine[j] for j in plan[k]]
             mb = collate(rows, idx, self.pad_id, self.device)
             padded += mb.padded_tokens
             real += sum(rows[i].length for i in idx)
-            logits = self._logits(self.model, mb)
-            logp = token_logprobs(logits, mb.targets, self.temperature)
-            if want_entropy and cfg.compute_entropy:
-                ent = token_entropy(logits, self.temperature)
-                ent_sum = ent_sum + torch.where(mb.mask > 0, ent, torch.zeros_like(ent)).sum()
-                ent_n += float(mb.mask.sum())
-            prox = mb.logp_prox if mb.logp_prox is not None else logp.detach()
-            out = policy_loss(
-                logp,
-                prox,
-                mb.advantages,
-                mb.mask,
-                logp_behav=mb.logp_behav,
-                ref_logp=mb.ref_logp,
-                clip_eps_low=cfg.clip_eps_low,
-                clip_eps_high=cfg.clip_eps_high,
-                max_is_weight=cfg.max_is_weight,
-                kl_coef=cfg.kl_coef,
-                loss_agg=cfg.loss_agg,
-                num_tokens=num_tokens,
-                num_seqs=num_seqs,
-                norm_tokens=cfg.norm_tokens,
-            )
-            del logits
+            out, e_sum, e_n = self._micro_loss(mb, num_tokens, num_seqs, want_entropy)
+            ent_sum = ent_sum + e_sum
+            ent_n += e_n
             if not bool(torch.isfinite(out.loss)):
                 ok = False
-                break
+                if self.dp.world == 1:
+                    break
+                # the other ranks reduce gradients in this backward: join it (the NaN it
+                # spreads is harmless, the step is skipped everywhere)
+                (out.loss * 0.0).backward()
+                continue
             out.loss.backward()
             out.loss = out.loss.detach()  # drop the graph reference
             outputs.append(out)
+        ok = self.dp.all_true(ok)  # a non-finite loss on any rank skips the step on all
         grad_norm = float("nan")
         if ok:
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
+            grad_norm = self.dp.clip_grad_norm(self._params, max_norm)
             ok = math.isfinite(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         if ok:
@@ -446,17 +356,52 @@ class GRPOTrainer:
             self.scheduler.step()
             self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "ok": ok,
-            "outputs": outputs,
-            "loss": float(sum(o.loss.detach() for o in outputs)) if outputs else float("nan"),
-            "pg_loss": float(sum(o.pg_loss for o in outputs)) if outputs else float("nan"),
-            "kl_loss": float(sum(o.kl_loss for o in outputs)) if outputs else float("nan"),
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "padded": padded,
-            "real": real,
-            "micro": len(plan),
-            "entropy_sum": float(ent_sum),
-            "entropy_n": ent_n,
-        }
+        return self.dp.reduce_step(
+            {
+                "ok": ok,
+                "outputs": outputs,
+                "loss": float(sum(o.loss.detach() for o in outputs)) if outputs else float("nan"),
+                "pg_loss": float(sum(o.pg_loss for o in outputs)) if outputs else float("nan"),
+                "kl_loss": float(sum(o.kl_loss for o in outputs)) if outputs else float("nan"),
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "padded": padded,
+                "real": real,
+                "micro": len(plan),
+                "entropy_sum": float(ent_sum),
+                "entropy_n": ent_n,
+            }
+        )
+
+    def _micro_loss(
+        self, mb: MicroBatch, num_tokens: float, num_seqs: float, want_entropy: bool
+    ) -> tuple[LossOutput, Tensor, float]:
+        """The loss of one micro-batch (with its graph), and its entropy sum and token count."""
+        cfg = self.config
+        logits = self._logits(self.model, mb)
+        logp = token_logprobs(logits, mb.targets, self.temperature)
+        ent_sum = torch.zeros((), device=self.device)
+        ent_n = 0.0
+        if want_entropy and cfg.compute_entropy:
+            ent = token_entropy(logits, self.temperature)
+            ent_sum = torch.where(mb.mask > 0, ent, torch.zeros_like(ent)).sum()
+            ent_n = float(mb.mask.sum())
+        del logits
+        prox = mb.logp_prox if mb.logp_prox is not None else logp.detach()
+        out = policy_loss(
+            logp,
+            prox,
+            mb.advantages,
+            mb.mask,
+            logp_behav=mb.logp_behav,
+            ref_logp=mb.ref_logp,
+            clip_eps_low=cfg.clip_eps_low,
+            clip_eps_high=cfg.clip_eps_high,
+            max_is_weight=cfg.max_is_weight,
+            kl_coef=cfg.kl_coef,
+            loss_agg=cfg.loss_agg,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            norm_tokens=cfg.norm_tokens,
+        )
+        return out, ent_sum, ent_n

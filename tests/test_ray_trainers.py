@@ -1,0 +1,123 @@
+"""`RayTrainerGroup`: FSDP2 trainer ranks in Ray actors, as one `Trainer` in the driver.
+
+A local Ray (the module's `ray_local`), single-threaded actors, gloo. Each test stops the
+groups and the placement it made.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("ray")
+
+from grpo_batches import make_batch  # noqa: E402
+from tiny_llama import tiny_llama  # noqa: E402
+
+from sortedrl.cluster.config import ClusterConfig  # noqa: E402
+from sortedrl.cluster.placement import Placement  # noqa: E402
+from sortedrl.cluster.trainers import RayTrainerGroup, TrainerRankDied  # noqa: E402
+from sortedrl.config import TrainConfig  # noqa: E402
+from sortedrl.training.trainer import GRPOTrainer  # noqa: E402
+from tests.ray_cluster import ray_local  # noqa: E402, F401
+
+SEED = 5
+# lr and adam_eps as in test_fsdp.py (see there why)
+TRAINER = {
+    "lr": 1e-3,
+    "adam_eps": 1e-6,
+    "truncated": "mask",
+    "mini_batches": 2,
+    "max_tokens_per_micro_batch": 16,
+}
+
+
+def config(ranks: int) -> TrainConfig:
+    cluster = ClusterConfig(backend="ray", trainer_ranks=ranks)
+    return TrainConfig(seed=SEED, cluster=cluster, trainer=TRAINER)
+
+
+class Groups:
+    """Trainer groups and placements made by one test, all stopped at its end."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[RayTrainerGroup, Placement]] = []
+
+    def new(self, ranks: int, model) -> RayTrainerGroup:
+        cfg = config(ranks)
+        placement = Placement(cfg.cluster, policy="sync", device="cpu")
+        placement.start()
+        try:
+            group = RayTrainerGroup(cfg, model, placement)
+        except BaseException:
+            placement.close()
+            raise
+        self.made.append((group, placement))
+        return group
+
+    def close(self) -> None:
+        for group, placement in self.made:
+            group.close()
+            placement.close()
+
+
+@pytest.fixture
+def groups(ray_local):  # noqa: F811
+    made = Groups()
+    yield made
+    made.close()
+
+
+def weights_of(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_ranks_update_the_driver_model_like_one_local_trainer(groups):
+    driver, local = tiny_llama(0), tiny_llama(0)
+    group = groups.new(2, driver)
+    trainer = GRPOTrainer(local, config(1).trainer, seed=SEED)
+    for version in range(2):
+        got, want = group.update(make_batch(version)), trainer.update(make_batch(version))
+        assert not got.skipped
+        assert got.stats["loss"] == pytest.approx(want.stats["loss"], rel=1e-4, abs=1e-6)
+        assert 0 < got.stats["weights_gather_s"] < got.elapsed_s
+        assert all(type(w) is torch.Tensor and w.device.type == "cpu" for w in got.weights.values())
+    assert max_diff(got.weights, weights_of(local)) < 1e-5
+    assert max_diff(weights_of(driver), weights_of(local)) < 1e-5  # the driver's copy too
+
+
+def test_a_group_loaded_from_a_checkpoint_makes_the_next_update_of_the_saved_one(groups, tmp_path):
+    driver = tiny_llama(0)
+    saved = groups.new(2, driver)
+    saved.update(make_batch(0))
+    saved.save_checkpoint(tmp_path / "trainer")
+    after_first = weights_of(driver)
+    want = saved.update(make_batch(1))
+
+    # a group of another size: the sharded checkpoint is resharded on load
+    fresh = tiny_llama(1)
+    resumed = groups.new(1, fresh)
+    resumed.load_checkpoint(tmp_path / "trainer")
+    assert max_diff(weights_of(fresh), after_first) < 1e-6
+    got = resumed.update(make_batch(1))
+    # same optimizer moments, schedule, step count and mini-batch split: the same update
+    assert got.stats["step"] == want.stats["step"] == 4
+    assert max_diff(got.weights, want.weights) < 1e-5
+
+
+def test_a_killed_rank_stops_the_group_with_a_message_saying_how_to_resume(groups):
+    import ray
+
+    group = groups.new(2, tiny_llama(0))
+    ray.kill(group.ranks[1])
+    with pytest.raises(TrainerRankDied, match=r"trainer rank 1 died during update") as err:
+        group.update(make_batch(0))
+    assert "--resume auto" in str(err.value)
+    with pytest.raises(ray.exceptions.RayActorError):  # rank 0 was stopped with it
+        ray.get(group.ranks[0].rendezvous.remote(), timeout=60)
