@@ -23,8 +23,8 @@ class SteppingReplica(EngineReplica):
         running = min(self.engine.capacity, self.engine.num_unfinished() + len(requests))
         t0 = time.perf_counter()
         time.sleep(self.delay)
-        report, unfinished, _ = super().step(requests)
+        report, unfinished, reward_s = super().step(requests)
         # Wall time, not the stepping engine's unit steps: what a real replica reports.
         report.elapsed_s = time.perf_counter() - t0
         report.busy_slot_s = running * report.elapsed_s
-        return report, unfinished, report.elapsed_s
+        return report, unfinished, reward_s

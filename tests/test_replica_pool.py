@@ -230,6 +230,9 @@ def test_a_replica_killed_mid_rollout_is_restarted_and_every_request_comes_back_
         res = run(ctl, pool, _WeightsTrainer(model), scorer=scorer, should_stop=kill_once)
         s = res.summary
         assert pool.stats["replica_restarts"] == 1
+        killed = pool.stats["replicas"][0]
+        assert killed["restarts"] == 1 and killed["requests_resubmitted"] > 0
+        assert all(r["reward_s"] > 0 for r in pool.stats["replicas"])
         assert len(seen) == len(set(seen))  # no request came back twice
         assert s["prompts_trained"] + s["prompts_dropped"] == 8 and s["prompts_in_flight"] == 0
         assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]

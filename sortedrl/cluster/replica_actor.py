@@ -57,7 +57,6 @@ class EngineReplica:
         self.engine, self.tokenizer = engine, tokenizer
         self.scorer, self.problems = scorer, problems
         self.prompt_of: dict[str, str] = {}  # request id -> prompt id, until it comes back
-        self.reward_s = 0.0  # seconds spent scoring
         self.group: Any = None  # the broadcast group, once joined
         self.group_rank = -1
         self.staged: dict[str, Any] | None = None  # replica 0: the weights it broadcasts
@@ -75,14 +74,13 @@ class EngineReplica:
 
     def step(self, requests: Sequence[Request]) -> tuple[StepReport, int, float]:
         """Submit `requests`, advance one step, score what finished. Returns the report, the
-        requests still unfinished here, and the seconds this call took in all."""
-        t0 = time.perf_counter()
+        requests still unfinished here, and the seconds spent scoring."""
         if requests:
             self.prompt_of.update({r.request_id: r.prompt_id for r in requests})
             self.engine.submit(requests)
         report = self.engine.step()
-        self._score(report.finished)
-        return report, self.engine.num_unfinished(), time.perf_counter() - t0
+        reward_s = self._score(report.finished)
+        return report, self.engine.num_unfinished(), reward_s
 
     def abort(self, request_ids: Sequence[str]) -> list[Generation]:
         return self._returned(self.engine.abort(request_ids))
@@ -100,9 +98,6 @@ class EngineReplica:
         if state is not None and hasattr(self.engine, "set_rng_state"):
             self.engine.set_rng_state(state)
 
-    def reward_seconds(self) -> float:
-        return self.reward_s
-
     def close(self) -> None:
         for thing in (self.engine, self.scorer):
             close = getattr(thing, "close", None)
@@ -116,13 +111,13 @@ class EngineReplica:
             self.prompt_of.pop(g.request_id, None)
         return gens
 
-    def _score(self, finished: list[Generation]) -> None:
+    def _score(self, finished: list[Generation]) -> float:
         """Score the finished responses in place (`Generation.score`); aborted ones stay
         unscored (they are resumed, not trained)."""
         pids = {g.request_id: self.prompt_of.get(g.request_id) for g in finished}
         self._returned(finished)
         if self.scorer is None or not finished:
-            return
+            return 0.0
         from sortedrl.commands.evaluate import decode
 
         t0 = time.perf_counter()
@@ -138,7 +133,7 @@ class EngineReplica:
             items.append((problem, decode(self.tokenizer, g.token_ids)))
         for g, score in zip(todo, self.scorer.score_batch(items) if items else [], strict=True):
             g.score = score
-        self.reward_s += time.perf_counter() - t0
+        return time.perf_counter() - t0
 
     # --- the broadcast group ------------------------------------------------------------------
 

@@ -70,7 +70,16 @@ class _Replica:
 
 
 def _new_stats() -> dict[str, float]:
-    return {"steps": 0, "elapsed_s": 0.0, "busy_slot_s": 0.0, "tokens_generated": 0}
+    # elapsed_s: its steps' wall time as the driver saw them (launch to collection)
+    return {
+        "steps": 0,
+        "elapsed_s": 0.0,
+        "busy_slot_s": 0.0,
+        "tokens_generated": 0,
+        "reward_s": 0.0,
+        "restarts": 0,
+        "requests_resubmitted": 0,
+    }
 
 
 class ReplicaPool:
@@ -206,7 +215,10 @@ class ReplicaPool:
     def set_rng_state(self, state: Sequence[Any]) -> None:
         if len(state) != len(self._reps):
             raise ValueError(f"rng state of {len(state)} replicas for a pool of {len(self._reps)}")
-        self._each(lambda a, st=iter(state): a.set_rng_state.remote(next(st)))
+        refs = [
+            rep.actor.set_rng_state.remote(st) for rep, st in zip(self._reps, state, strict=True)
+        ]
+        self._ray.get(refs)
 
     def close(self) -> None:
         """Close and kill every replica."""
@@ -274,20 +286,26 @@ class ReplicaPool:
                 continue
             ref, rep.step_ref = rep.step_ref, None
             try:
-                report, unfinished, _ = self._ray.get(ref)
+                report, unfinished, reward_s = self._ray.get(ref)
             except self._ray.exceptions.RayError as e:
                 self._replace(rep, e)
                 continue
             now = time.perf_counter()
             rep.failures_in_a_row = 0
+            for g in report.finished:
+                rep.held.pop(g.request_id, None)
+            if unfinished != len(rep.held) - len(rep.outbox):
+                raise RuntimeError(
+                    f"rollout replica {rep.index} holds {unfinished} requests, the pool counts "
+                    f"{len(rep.held) - len(rep.outbox)} sent to it and not returned"
+                )
             self._clock.collected(rep.index, rep.launched_at, now, report.busy_slot_s)
             st = rep.stats
             st["steps"] += 1
             st["elapsed_s"] += now - rep.launched_at
             st["busy_slot_s"] += report.busy_slot_s
             st["tokens_generated"] += report.tokens_generated
-            for g in report.finished:
-                rep.held.pop(g.request_id, None)
+            st["reward_s"] += reward_s
             held = self._held_report
             held.finished += report.finished
             held.tokens_generated += report.tokens_generated
@@ -375,6 +393,8 @@ class ReplicaPool:
             self._replace(rep, e)
             return
         rep.outbox = list(rep.held.values())  # as submitted, in the order they were routed
+        rep.stats["restarts"] += 1
+        rep.stats["requests_resubmitted"] += len(rep.outbox)
 
     # --- the broadcast path -------------------------------------------------------------------
 
