@@ -122,7 +122,6 @@ class ReplicaPool:
         self._clock = PoolClock()
         self.weight_sync_s: list[float] = []
         self.restarts = 0
-        self._group_gen = 0
         if weight_sync == "broadcast" and n_replicas > 1:
             self._form_group()
 
@@ -228,7 +227,10 @@ class ReplicaPool:
                 ray.get(rep.actor.close.remote(), timeout=30)
             except Exception:  # dead already, or stuck: it is killed next either way
                 pass
-            ray.kill(rep.actor)
+            try:
+                ray.kill(rep.actor)
+            except Exception:  # gone already
+                pass
         self._waiting.clear()
 
     def in_flight(self) -> int:
@@ -409,7 +411,6 @@ class ReplicaPool:
                 for rep in self._reps
             ]
         )
-        self._group_gen += 1
 
     def _broadcast_weights(self) -> None:
         """Replica 0 takes the weights from the object store, then sends them to the others
