@@ -139,6 +139,7 @@ def test_a_call_that_settles_keeps_what_finished_for_the_next_step(ray_local, ca
         assert pool.in_flight() == 0
         held = pool.step()  # returns at once with what the settle collected
         assert [g.request_id for g in held.finished] == ["r1"]
+        assert pool.stats["finished_held_by_calls"] == 1
         assert held.busy_slot_s <= pool.capacity * held.elapsed_s * (1 + 1e-9)
     finally:
         pool.close()
@@ -237,5 +238,7 @@ def test_a_replica_killed_mid_rollout_is_restarted_and_every_request_comes_back_
         assert s["prompts_trained"] + s["prompts_dropped"] == 8 and s["prompts_in_flight"] == 0
         assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
         assert s["engine_restarts"] == 0  # the loop never saw it
+        # The loop settles before it pauses or loads weights: those calls found nothing running.
+        assert pool.stats["finished_held_by_calls"] == 0
     finally:
         pool.close()

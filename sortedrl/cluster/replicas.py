@@ -70,16 +70,10 @@ class _Replica:
 
 
 def _new_stats() -> dict[str, float]:
-    # elapsed_s: its steps' wall time as the driver saw them (launch to collection)
-    return {
-        "steps": 0,
-        "elapsed_s": 0.0,
-        "busy_slot_s": 0.0,
-        "tokens_generated": 0,
-        "reward_s": 0.0,
-        "restarts": 0,
-        "requests_resubmitted": 0,
-    }
+    """A replica's totals; elapsed_s: its steps' wall time as the driver saw them (launch to
+    collection), so its bubble counts the calls' overhead and the scoring too."""
+    counts = dict.fromkeys(("steps", "tokens_generated", "restarts", "requests_resubmitted"), 0)
+    return {**counts, **dict.fromkeys(("elapsed_s", "busy_slot_s", "reward_s"), 0.0)}
 
 
 class ReplicaPool:
@@ -122,6 +116,7 @@ class ReplicaPool:
         self._clock = PoolClock()
         self.weight_sync_s: list[float] = []
         self.restarts = 0
+        self.finished_held_by_calls = 0  # see _settle_for_call
         if weight_sync == "broadcast" and n_replicas > 1:
             self._form_group()
 
@@ -168,7 +163,7 @@ class ReplicaPool:
         return self._report()
 
     def abort(self, request_ids: Sequence[str]) -> list[Generation]:
-        self._settle_all()
+        self._settle_for_call()
         wanted = set(request_ids)
         out = [_unstarted(q) for q in self._waiting if q.request_id in wanted]
         self._waiting = deque(q for q in self._waiting if q.request_id not in wanted)
@@ -180,7 +175,7 @@ class ReplicaPool:
         return out
 
     def pause(self) -> list[Generation]:
-        self._settle_all()
+        self._settle_for_call()
         out = [_unstarted(q) for q in self._waiting]
         self._waiting.clear()
         for rep in self._reps:
@@ -193,7 +188,7 @@ class ReplicaPool:
         """Every replica serves `weights` (a state dict or an `ObjectRef` to one; None: the
         weights in place) as `version`; returns the wall seconds of the whole sync."""
         t0 = time.perf_counter()
-        self._settle_all()
+        self._settle_for_call()
         ray = self._ray
         if weights is not None:
             self._weights_ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
@@ -255,6 +250,7 @@ class ReplicaPool:
             "weight_sync_s": list(self.weight_sync_s),
             "weight_sync_total_s": sum(self.weight_sync_s),
             "replica_restarts": self.restarts,
+            "finished_held_by_calls": self.finished_held_by_calls,
         }
 
     # --- routing and stepping -----------------------------------------------------------------
@@ -321,6 +317,13 @@ class ReplicaPool:
         # Nothing in flight now: the time up to here is accounted, what follows (an update, a
         # weight sync) is not generating time.
         self._accrue(None)
+
+    def _settle_for_call(self) -> None:
+        """Settle before abort/pause/load_weights; what finished is held for the next report
+        (and counted: a loop that settles first leaves nothing here)."""
+        before = len(self._held_report.finished)
+        self._settle_all()
+        self.finished_held_by_calls += len(self._held_report.finished) - before
 
     def _accrue(self, horizon: float | None) -> None:
         elapsed, busy = self._clock.report(horizon, time.perf_counter())
