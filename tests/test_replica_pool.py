@@ -56,9 +56,18 @@ def placement(ray_local):  # noqa: F811
     p.close()
 
 
+def _without_stop(tok, model):
+    """No end-of-sequence token, so the factory's engines have no stop token, as the
+    contract's run (`stop_token_ids=[]`): a response ends at its cap or when aborted."""
+    tok = copy.deepcopy(tok)
+    tok.eos_token = None
+    model.config.eos_token_id = None
+    return tok, model
+
+
 @pytest.fixture(scope="module")
 def greedy_pool(placement):
-    tok, model = contract.tiny_greedy()
+    tok, model = _without_stop(*contract.tiny_greedy())
     pool = build_replica_pool(_greedy_cfg(3), model, tok, 0, placement, None)
     yield pool, tok, model
     pool.close()
@@ -154,7 +163,7 @@ def test_weight_sync_loads_the_same_weights_into_every_replica(placement, greedy
         spawn = replica_spawner(_greedy_cfg(3), model, tok, 0, placement, None)
         pool = ReplicaPool(spawn, 2, 0, weight_sync="broadcast")
     try:
-        _, new = contract.tiny_greedy(seed=11)
+        _, new = _without_stop(*contract.tiny_greedy(seed=11))
         pool.pause()
         seconds = pool.load_weights(new.state_dict(), 1)
         assert seconds > 0 and pool.stats["weight_sync_s"][-1] == seconds
