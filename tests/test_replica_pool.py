@@ -108,7 +108,7 @@ def _assert_time_balances(pool: ReplicaPool, reports) -> None:
 def test_a_step_returns_while_a_slower_replica_still_steps_and_settle_returns_the_rest(
     ray_local,  # noqa: F811
 ):
-    pool = _fake_pool([0.0, 1.0])
+    pool = _fake_pool([0.0, 2.0])
     try:
         # Routed least-loaded in order: r0, r2 to replica 0 (fast), r1, r3 to replica 1.
         pool.submit(_requests(4, 3))
@@ -132,7 +132,7 @@ def test_a_step_returns_while_a_slower_replica_still_steps_and_settle_returns_th
 
 @pytest.mark.parametrize("call", ["pause", "abort", "load_weights"])
 def test_a_call_that_settles_keeps_what_finished_for_the_next_step(ray_local, call):  # noqa: F811
-    pool = _fake_pool([0.0, 1.0])
+    pool = _fake_pool([0.0, 2.0])
     try:
         pool.submit(_requests(2, [4, 1]))  # r0 on the fast replica, r1 (1 token) on the slow
         first = pool.step()  # the fast replica's first step; the slow one's still runs
@@ -225,7 +225,7 @@ def test_a_replica_killed_mid_rollout_is_restarted_and_every_request_comes_back_
 
     def kill_once() -> bool:  # called before every engine step
         steps[0] += 1
-        if steps[0] == 4:
+        if steps[0] == 2:  # after the first step: every replica holds requests
             assert pool.num_unfinished() > 0  # in the middle of rollout
             ray.kill(pool.actors()[0])
         return False
