@@ -154,6 +154,35 @@ def test_a_call_that_settles_keeps_what_finished_for_the_next_step(ray_local, ca
         pool.close()
 
 
+@pytest.mark.parametrize("call", ["pause", "load_weights"])
+def test_a_replica_found_dead_by_a_pause_or_a_weight_load_is_restarted(ray_local, call):  # noqa: F811
+    pool = _fake_pool([0.0, 0.0])
+    try:
+        pool.submit(_requests(4, 6))  # r1, r3 on replica 1
+        pool.step()
+        pool.settle()  # nothing in flight: the death is found by the call itself
+        ray.kill(pool.actors()[1])
+        if call == "pause":
+            back = pool.pause()
+            assert sorted(g.request_id for g in back) == ["r0", "r1", "r2", "r3"]
+            assert all(g.finish_reason == "abort" for g in back)
+            # The dead replica's requests come back as they were submitted (no tokens yet).
+            assert [g.n_tokens for g in back if g.request_id in ("r1", "r3")] == [0, 0]
+            pool.submit(_requests(2, 3))
+            want = ["r0", "r1"]
+        else:
+            pool.load_weights(None, 1)
+            want = ["r0", "r1", "r2", "r3"]
+        gens = []
+        while pool.num_unfinished():
+            gens += pool.step().finished
+        assert sorted(g.request_id for g in gens) == want
+        assert pool.stats["replica_restarts"] == 1 and pool.version == (call == "load_weights")
+        assert ray.get(pool.actors()[1].version.remote()) == pool.version
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])
 def test_weight_sync_loads_the_same_weights_into_every_replica(placement, greedy_pool, weight_sync):
     from sortedrl.engines.transformers_engine import TransformersEngine
