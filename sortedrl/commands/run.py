@@ -90,7 +90,7 @@ class Run:
             results[i] = s
         for key, s in zip(keys, results, strict=True):
             self.scores[tuple(key)] = s
-        return [float(s.reward) for s in results], time.perf_counter() - t0 if todo else 0.0
+        return [float(s.reward) for s in results], (time.perf_counter() - t0) if todo else 0.0
 
     def on_update(self, record: Any, batch: Any, result: Any) -> None:
         """Log the update, evaluate and checkpoint when due, stop on non-finite updates."""
