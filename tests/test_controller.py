@@ -10,6 +10,7 @@ from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.metrics import OvercountedBusyTime, bubble_ratio
+from sortedrl.scheduling.protocol import StepReport
 from sortedrl.scheduling.state import PromptSpec
 
 
@@ -289,3 +290,76 @@ def test_a_group_with_older_tokens_goes_ahead_of_newer_ones_that_completed_first
     run(Controller(cfg, _prompts(6)), SteppingEngine(3, _by_prompt(lengths)), trainer)
     order = [[g.prompt_id for g in b.groups] for b in trainer.batches]
     assert order[:2] == [["p0", "p1"], ["p2", "p3"]]
+
+
+class Settling(SteppingEngine):
+    """Holds back what finishes on odd-numbered prompts while other work runs, as the Ray
+    replica pool does with a slow replica's step still in flight; `settle` reports it."""
+
+    def __init__(self, capacity, length, calls):
+        super().__init__(capacity, length)
+        self.calls, self.held, self.prompt_of = calls, [], {}
+        self.settled_ids: list[str] = []
+
+    def submit(self, requests):
+        self.prompt_of.update({r.request_id: r.prompt_id for r in requests})
+        super().submit(requests)
+
+    def num_unfinished(self):
+        return super().num_unfinished() + len(self.held)
+
+    def step(self):
+        self.calls.append("step")
+        if super().num_unfinished() == 0:  # only held work left: it comes back now
+            return self._release()
+        report = super().step()
+        odd = [g for g in report.finished if int(self.prompt_of[g.request_id][1:]) % 2]
+        self.held += odd
+        report.finished = [g for g in report.finished if g not in odd]
+        return report
+
+    def settle(self):
+        self.calls.append("settle")
+        self.settled_ids += [g.request_id for g in self.held]
+        return self._release()
+
+    def _release(self):
+        report, self.held = StepReport(self.held, 0.0, 0.0, 0, 0), []
+        return report
+
+    def pause(self):
+        self.calls.append("pause")
+        return super().pause()
+
+    def load_weights(self, weights, version):
+        self.calls.append("load_weights")
+        return super().load_weights(weights, version)
+
+
+@pytest.mark.parametrize("policy", ["sorted", "async"])
+def test_the_loop_settles_an_engine_before_an_update_and_trains_what_it_reports(policy):
+    lengths = {f"p{i}": [3, 2, 10, 12, 4, 3, 9, 7][i] for i in range(8)}
+    cfg = SchedulerConfig.for_policy(
+        policy, group_size=1, rollout_batch=4, update_batch=2, max_staleness=1, max_new_tokens=20
+    )
+    calls: list[str] = []
+    engine = Settling(4, _by_prompt(lengths), calls)
+    scored: dict[str, float] = {}
+
+    def scorer(gens, keys):
+        rewards = [float(k[0][1:]) for k in keys]  # reward = the prompt's number
+        scored.update({g.request_id: r for g, r in zip(gens, rewards, strict=True)})
+        return rewards, 0.0
+
+    trainer = UnitTrainer()
+    res = run(Controller(cfg, _prompts(8)), engine, trainer, scorer=scorer)
+    assert res.summary["prompts_trained"] == 8
+    # Before every weight load (after every update) the engine was settled since its last step.
+    engine_calls = [c for c in calls if c in ("step", "settle", "load_weights")]
+    for i, c in enumerate(engine_calls):
+        if c == "load_weights":
+            assert "settle" in engine_calls[:i] and engine_calls[i - 1] != "step"
+    # What the settles reported was scored and trained like any step's generations.
+    assert engine.settled_ids and all(rid in scored for rid in engine.settled_ids)
+    trained = {s.reward for b in trainer.batches for g in b.groups for s in g.samples}
+    assert {scored[rid] for rid in engine.settled_ids} <= trained

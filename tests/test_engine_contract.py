@@ -38,18 +38,23 @@ def _simulated() -> Harness:
     return Harness(engine, prompt=lambda i: None)
 
 
-def _transformers() -> Harness:
+def tiny_greedy(seed: int = 3) -> tuple[Any, Any]:
+    """(tokenizer, model): the micro model with sharp distributions (greedy has no near-ties)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from sortedrl.engines.transformers_engine import TransformersEngine
     from sortedrl.models.tiny import build_char_tokenizer, build_tiny_model
 
     torch.set_num_threads(1)
     tok = build_char_tokenizer(ALPHABET)
-    model = build_tiny_model(len(tok), seed=3, size="micro")
+    model = build_tiny_model(len(tok), seed=seed, size="micro")
     with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)  # sharp distributions: greedy has no near-ties
-    engine = TransformersEngine(model, tok, capacity=6, temperature=0.0, stop_token_ids=[])
+        model.lm_head.weight.mul_(30.0)
+    return tok, model
+
+
+def tiny_harness(engine: Engine, tok: Any, model: Any) -> Harness:
+    """The harness of an engine serving `model` (greedy) with `tok`."""
+    import torch
 
     def prompt(i: int) -> list[int]:
         rng = random.Random(i)
@@ -63,6 +68,14 @@ def _transformers() -> Harness:
         return lp[torch.arange(len(response)), torch.tensor(response)].tolist()
 
     return Harness(engine, prompt, forward_logprobs)
+
+
+def _transformers() -> Harness:
+    tok, model = tiny_greedy()
+    from sortedrl.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(model, tok, capacity=6, temperature=0.0, stop_token_ids=[])
+    return tiny_harness(engine, tok, model)
 
 
 def _vllm() -> Harness:

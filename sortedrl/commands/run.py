@@ -77,16 +77,21 @@ class Run:
     # --- the loop's callbacks -----------------------------------------------------------------
 
     def score(self, generations: list[Any], keys: list[Any]) -> tuple[list[float], float]:
-        """Rewards of finished responses (sandboxed), kept until their group is trained."""
+        """Rewards of finished responses (sandboxed), kept until their group is trained.
+        Responses scored where they were generated (`Generation.score`, the Ray replicas)
+        are not scored again, and take no reward time here."""
         t0 = time.perf_counter()
+        todo = [i for i, g in enumerate(generations) if g.score is None]
         items = [
-            (self.prompts.by_id[pid], decode(self.tokenizer, g.token_ids))
-            for g, (pid, _) in zip(generations, keys, strict=True)
+            (self.prompts.by_id[keys[i][0]], decode(self.tokenizer, generations[i].token_ids))
+            for i in todo
         ]
-        results = self.scorer.score_batch(items)
+        results = [g.score for g in generations]
+        for i, s in zip(todo, self.scorer.score_batch(items) if items else [], strict=True):
+            results[i] = s
         for key, s in zip(keys, results, strict=True):
             self.scores[tuple(key)] = s
-        return [float(s.reward) for s in results], time.perf_counter() - t0
+        return [float(s.reward) for s in results], (time.perf_counter() - t0) if todo else 0.0
 
     def on_update(self, record: Any, batch: Any, result: Any) -> None:
         """Log the update, evaluate and checkpoint when due, stop on non-finite updates."""

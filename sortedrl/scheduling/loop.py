@@ -19,6 +19,7 @@ from sortedrl.scheduling.metrics import Clock, UpdateRecord, summarize
 from sortedrl.scheduling.protocol import (
     Engine,
     Generation,
+    StepReport,
     Trainer,
     UpdateBatch,
     UpdateResult,
@@ -118,6 +119,7 @@ def run(
         loop.run_colocated(max_updates)
     else:
         loop.run_async(max_updates)
+    loop.settle_before_stop()
     engine = loop.engine
     remaining = engine.pause() if engine.num_unfinished() else []
     if remaining:
@@ -173,9 +175,21 @@ class _Loop:
 
     def _generate(self, advance: bool = True) -> float:
         """One engine step; returns its elapsed time."""
+        return self._engine_report(self.engine.step, advance)
+
+    def _settle(self) -> None:
+        """An engine that keeps steps in flight between calls (`settle`, e.g. the Ray replica
+        pool) finishes and reports them, so the controller decides on what is really done."""
+        settle = getattr(self.engine, "settle", None)
+        if settle is not None:
+            self._engine_report(settle, True)
+
+    def _engine_report(self, call: Callable[[], StepReport], advance: bool) -> float:
+        """Run `call` (a step or a settle) and feed its report to the clock, the scorer and the
+        controller; returns its elapsed time."""
         round_ = self.ctl.current_round()
         try:
-            report = self.engine.step()
+            report = call()
         except Exception as e:  # the engine died: requeue its work, restart it
             self._engine_failed(e)
             return 0.0
@@ -192,6 +206,12 @@ class _Loop:
         self.ctl.on_generations(report.finished, rewards)
         return report.elapsed_s
 
+    def settle_before_stop(self) -> None:
+        """The run ends: report the steps still in flight (a pause after it returns only
+        unfinished requests). Without an update to wait for, nothing is lost."""
+        if self.engine.num_unfinished():
+            self._settle()
+
     def _stuck(self) -> RuntimeError:
         return RuntimeError(
             "scheduler stalled: nothing running, nothing queued and no update due "
@@ -200,6 +220,7 @@ class _Loop:
 
     def _finish_update(self, batch: UpdateBatch, result: UpdateResult) -> None:
         ctl, clock = self.ctl, self.clock
+        self._settle()  # async: what finished during the update is in the buffer before it
         to_abort = ctl.on_update_done(skipped=result.skipped)
         if to_abort:
             ctl.on_aborted(self.engine.abort(to_abort))
@@ -219,6 +240,10 @@ class _Loop:
                 return
             engine = self.engine  # may have been restarted
             if ctl.update_due():
+                self._settle()
+                if not ctl.update_due():  # what the settle reported changed the decision
+                    continue
+                engine = self.engine  # may have been restarted by the settle
                 if engine.num_unfinished() and self.pause_for_update:
                     ctl.on_paused(engine.pause())
                 batch = ctl.take_update_batch()

@@ -11,6 +11,9 @@ simulated million-response run does not store a list per token.
 
 Optional engine methods, used when present (checkpoints): `rng_state()` returns the sampling
 RNG's state and `set_rng_state(state)` restores it, so a resumed run samples the same tokens.
+`settle() -> StepReport`, for an engine that keeps steps running between calls (the Ray replica
+pool): wait for every step in flight and report it like `step` does, so that nothing runs
+behind the controller's back; the run loop calls it before the controller decides on an update.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class Generation:
     version_spans: VersionSpans
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
+    # Scored where it was generated (a Ray replica scores its own responses); the run does
+    # not score it again. None: not scored yet.
+    score: Any = None
 
     def as_partial(self) -> Partial:
         return Partial(self.n_tokens, list(self.version_spans), self.token_ids, self.logprobs)
