@@ -13,6 +13,11 @@ class ConfigError(SortedRLError):
     """An invalid setting; the message names the field."""
 
 
+class TrainerFailedError(SortedRLError):
+    """The trainer cannot go on (a rank of a distributed trainer died): the run stops at its
+    last checkpoint, from which --resume auto goes on."""
+
+
 class InputFileError(SortedRLError):
     """A bad input file; the message names the file, the line when there is one, and the field."""
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sortedrl.errors import SortedRLError
+from sortedrl.errors import SortedRLError, TrainerFailedError
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from sortedrl.training.config import TrainerConfig
 
 
-class TrainerRankDied(SortedRLError):
+class TrainerRankDied(TrainerFailedError):
     """A trainer rank's process died; the group was stopped with it."""
 
     def __init__(self, rank: int, during: str, cause: str) -> None:

@@ -15,7 +15,7 @@ from sortedrl.commands.logger import RunLogger
 from sortedrl.commands.prepare import Prompts
 from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
-from sortedrl.errors import SortedRLError
+from sortedrl.errors import SortedRLError, TrainerFailedError
 from sortedrl.scheduling.controller import Controller, controller_state
 from sortedrl.scheduling.loop import EngineFailedError, RunResult, run
 from sortedrl.scheduling.metrics import Clock
@@ -149,7 +149,10 @@ class Run:
             "python": _to_lists(random.getstate()),
         }
         if hasattr(self.engine, "rng_state"):
-            rng["engine"] = self.engine.rng_state()
+            try:
+                rng["engine"] = self.engine.rng_state()
+            except Exception as e:  # a failed engine: the run resumes with a fresh sampler
+                print(f"warning: the engine's sampling RNG is not in this checkpoint ({e})")
         self.state.elapsed_s = self.elapsed_now()
         self.state.scores = [
             (k[0], k[1], v.reward, v.correct, v.format_ok) for k, v in self.scores.items()
@@ -175,7 +178,10 @@ class Run:
         torch.set_rng_state(rng["torch"])
         random.setstate(_to_tuple(rng["python"]))
         if "engine" in rng and hasattr(self.engine, "set_rng_state"):
-            self.engine.set_rng_state(rng["engine"])
+            try:
+                self.engine.set_rng_state(rng["engine"])
+            except ValueError as e:  # e.g. another number of replicas: sampling differs
+                print(f"warning: the engine's sampling RNG was not restored ({e})")
 
     def elapsed_now(self) -> float:
         """Wall time of the whole run so far, earlier segments included."""
@@ -200,7 +206,8 @@ class Run:
                     on_update=self.on_update,
                     max_updates=self.cfg.max_updates,
                     should_stop=lambda: self.stop_signum is not None,
-                    restart_engine=self.restart_engine,
+                    # A replica pool restarts its own replicas; a pool that gave up stops the run.
+                    restart_engine=None if self.backend.name == "ray" else self.restart_engine,
                     max_engine_restarts=self.cfg.max_engine_failures - 1,
                     pause_for_update=pause_for_update,
                     clock=self.clock,
@@ -210,6 +217,10 @@ class Run:
             raise SortedRLError(
                 f"{e}; checkpoint written to {where}; resume with --resume auto"
             ) from e
+        except TrainerFailedError as e:  # its state is lost with it: no checkpoint now
+            last = complete_checkpoints(self.ckpt_root)
+            where = f"the last checkpoint is {last[-1]}" if last else "there is no checkpoint yet"
+            raise TrainerFailedError(f"{e} ({where})") from e
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
