@@ -104,7 +104,7 @@ def main() -> None:
 
     local, ray_ = statistics.median(local_walls), statistics.median(ray_walls)
     print(f"local trainer        update {local:.3f} s (median of {len(local_walls)})")
-    print(f"ray, {args.ranks} ranks         update {ray_:.3f} s  ({ray_ / local:.2f}x local)")
+    print(f"ray, {args.ranks} rank(s)      update {ray_:.3f} s  ({ray_ / local:.2f}x local)")
     print(f"  rank 0 weight gather      {statistics.median(gathers) * 1e3:.1f} ms per update")
 
 
