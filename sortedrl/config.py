@@ -142,7 +142,12 @@ class TaskSection(BaseModel):
 class RolloutSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     engine: Literal["transformers", "vllm"] = "transformers"
-    capacity: int = Field(64, ge=1, description="engine capacity C: sequences run at once")
+    capacity: int = Field(
+        64,
+        ge=1,
+        description="engine capacity C: sequences run at once (per replica: the replica pool of "
+        "cluster.rollout_replicas runs their sum)",
+    )
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     pause_for_update: bool | None = Field(
