@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sortedrl.config import load_config
 from sortedrl.errors import TrainerFailedError
 from tests.ray_cluster import ray_local  # noqa: F401
@@ -38,12 +40,18 @@ def _trained_prompts(out) -> list[str]:
     return [json.loads(x)["prompt_id"] for x in (out / "trace.jsonl").read_text().splitlines()]
 
 
-def test_two_replicas_and_two_ranks_train_and_counts_balance(ray_local, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("policy", ["sorted", "async"])  # colocated; separate (its default)
+def test_two_replicas_and_two_ranks_train_and_counts_balance(
+    ray_local,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    policy,
+):
     from sortedrl.commands.train import train
 
     monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    summary = train(load_config(None, RAY), out, progress=False)
+    summary = train(load_config(None, [*RAY, f"scheduler.policy={policy}"]), out, progress=False)
     _balanced(summary)
     assert sorted(_trained_prompts(out)) == sorted(set(_trained_prompts(out)))
     stats = summary["engine_stats"]
@@ -63,8 +71,6 @@ def test_a_killed_trainer_rank_stops_the_run_and_resume_finishes_exactly_once(
     tmp_path,
     monkeypatch,
 ):
-    import pytest
-
     from sortedrl.commands import run as run_module
     from sortedrl.commands.train import train
 
