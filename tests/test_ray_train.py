@@ -12,20 +12,13 @@ import pytest
 from sortedrl.config import load_config
 from sortedrl.errors import TrainerFailedError
 from tests.ray_cluster import ray_local  # noqa: F401
+from tests.test_train_e2e import TINY
 
 RAY = [
     "cluster.backend=ray",
     "cluster.rollout_replicas=2",
     "cluster.trainer_ranks=2",
-    "task.train_prompts=16",
-    "task.eval_prompts=8",
-    "model.warm_start_steps=5",
-    "model.warm_start_batch=8",
-    "scheduler.group_size=2",
-    "rollout.capacity=8",
-    "scheduler.update_batch=2",
-    "scheduler.rollout_batch=4",
-    "scheduler.max_new_tokens=24",
+    *TINY,  # 16 prompts x 2 responses, updates of 2 groups
     "checkpoint.every_updates=2",
     "eval.sampled=0",
 ]
