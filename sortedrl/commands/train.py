@@ -47,7 +47,6 @@ def train(
     from transformers.utils import logging as hf_logging
 
     from sortedrl.cluster.backend import make_backend
-    from sortedrl.scheduling.controller import Controller, restore_controller
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
     t_start = time.perf_counter()
@@ -87,16 +86,7 @@ def train(
         backend = make_backend(cfg)  # ray: connects and reserves the devices
         trainer = backend.trainer(model)
         model.train()
-        if resumed:
-            try:
-                controller = restore_controller(
-                    cfg.scheduler_config(), prompts.specs, resumed["controller"]
-                )
-            except ValueError as e:
-                raise ConfigError(f"cannot resume from {resumed['path']}: {e}") from None
-            load_trainer_state(trainer, resumed)
-        else:
-            controller = Controller(cfg.scheduler_config(), prompts.specs)
+        controller = start_controller(cfg, prompts.specs, trainer, resumed)
         logger = RunLogger(
             cfg,
             out,
@@ -222,6 +212,22 @@ def load_weights(model: Any, resumed: dict[str, Any]) -> None:
             f"cannot resume from {resumed['path']}: its weights do not fit the model "
             f"({str(e)[:300]})"
         ) from None
+
+
+def start_controller(
+    cfg: TrainConfig, specs: list[Any], trainer: Any, resumed: dict[str, Any] | None
+) -> Any:
+    """A fresh controller over `specs`, or the checkpoint's (and its trainer state restored)."""
+    from sortedrl.scheduling.controller import Controller, restore_controller
+
+    if not resumed:
+        return Controller(cfg.scheduler_config(), specs)
+    try:
+        controller = restore_controller(cfg.scheduler_config(), specs, resumed["controller"])
+    except ValueError as e:
+        raise ConfigError(f"cannot resume from {resumed['path']}: {e}") from None
+    load_trainer_state(trainer, resumed)
+    return controller
 
 
 def load_trainer_state(trainer: Any, resumed: dict[str, Any]) -> None:
