@@ -11,6 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from stepping_engine import SteppingEngine, UnitTrainer
 
+from sortedrl.scheduling.checkpoint_format import CHECKPOINT_FORMAT
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller, controller_state, restore_controller
 from sortedrl.scheduling.loop import run
@@ -154,7 +155,7 @@ def test_a_checkpoint_written_before_state_dict_existed_still_loads():
     assert old["format"] == 1 and "max_staleness" in old["ledger"]["updates"][0]
     ctl = restore_controller(cfg, _prompts(20), old)
     new = json.loads(json.dumps(controller_state(ctl)))
-    assert new["format"] == 3
+    assert new["format"] == CHECKPOINT_FORMAT
     assert (
         new["ledger"]["updates"][0]["max_staleness_trained"]
         == (old["ledger"]["updates"][0]["max_staleness"])
@@ -178,11 +179,13 @@ def test_an_unknown_format_or_a_used_controller_is_refused():
 
 
 def _assert_same_state_but_length_fields(new, old):
-    """`new` (format 3) holds what `old` (format 1 or 2) did, plus the length-aware fields
-    at the values of a run without them: epoch 0, queue rank 0, no history."""
+    """`new` (the current format) holds what `old` (format 1 or 2) did, plus the length-aware
+    fields at the values of a run without them: epoch 0, no record id, queue rank 0, no
+    history."""
     assert new["config"]["submit_order"] == "fifo" and new["config"]["update_pacing"] is False
     assert new["lengths"] is None
     assert [g.pop("epoch") for g in new["groups"]] == [0] * len(old["groups"])
+    assert [g.pop("record_id") for g in new["groups"]] == [None] * len(old["groups"])
     assert [q.pop() for q in new["queue"]] == [0.0] * len(old["queue"])
     for key in ("groups", "queue", "complete", "cached", "version", "admitted"):
         assert new[key] == old[key], key
@@ -214,3 +217,44 @@ def test_a_format_2_checkpoint_loads_and_matches_a_fresh_run():
     s = result.summary
     assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"] == 20
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
+
+
+def test_a_format_3_checkpoint_with_a_history_loads_and_matches_a_fresh_run():
+    # Written by Controller.state_dict of the code before record ids (format 3): longest
+    # predicted first and update pacing over two epochs of 10 prompts, stopped after 7 updates.
+    old = json.loads((Path(__file__).parent / "data" / "controller_state_v3.json").read_text())
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="keep",
+        group_size=2,
+        rollout_batch=6,
+        update_batch=2,
+        max_staleness=1,
+        max_regenerations=1,
+        max_new_tokens=60,
+        submit_order="longest_predicted",
+        update_pacing=True,
+    )
+
+    def specs():
+        return [PromptSpec(f"p{i}", 3, [1, 2, i], epoch=e) for e in range(2) for i in range(10)]
+
+    assert old["format"] == 3 and old["lengths"]["history"]["by_prompt"]
+    ctl = Controller(cfg, specs())
+    ctl.load_state_dict(old)
+    new = json.loads(json.dumps(ctl.state_dict()))
+    assert [g.pop("record_id") for g in new["groups"]] == [None] * len(old["groups"])
+    for key in ("groups", "queue", "lengths", "version", "admitted"):
+        assert new[key] == old[key], key
+    result = run(ctl, SteppingEngine(5, _lengths(3)), UnitTrainer())
+    s = result.summary
+    assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"] == 20
+    assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
+    assert s["max_staleness_trained"] <= 1
+    # Without record ids the prompt id stays the history's key, as it was.
+    history = ctl.state_dict()["lengths"]["history"]["by_prompt"]
+    assert (
+        sorted(history)
+        == sorted(old["lengths"]["history"]["by_prompt"])
+        == sorted(f"p{i}" for i in range(10))
+    )

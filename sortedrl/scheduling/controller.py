@@ -198,7 +198,7 @@ class Controller:
             seq.finish_reason = gen.finish_reason
             seq.reward = rewards[i] if rewards is not None else 0.0
             if self._lengths is not None:
-                self._lengths.history.record(seq.group.prompt_id, gen.n_tokens)
+                self._lengths.history.record(seq.group.spec.history_key, gen.n_tokens)
             if self.buffer.add_finished(seq):
                 self._on_group_complete(seq.group)
 
