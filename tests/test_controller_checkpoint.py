@@ -151,6 +151,7 @@ def test_a_checkpoint_written_before_state_dict_existed_still_loads():
         max_staleness=1,
         max_regenerations=1,
         max_new_tokens=60,
+        update_pacing=False,  # the run before update pacing existed
     )
     assert old["format"] == 1 and "max_staleness" in old["ledger"]["updates"][0]
     ctl = restore_controller(cfg, _prompts(20), old)
@@ -204,6 +205,7 @@ def test_a_format_2_checkpoint_loads_and_matches_a_fresh_run():
         max_staleness=1,
         max_regenerations=1,
         max_new_tokens=60,
+        update_pacing=False,  # the run before update pacing existed
     )
     assert old["format"] == 2 and "submit_order" not in old["config"]
     ctl = Controller(cfg, _prompts(20))
@@ -258,3 +260,24 @@ def test_a_format_3_checkpoint_with_a_history_loads_and_matches_a_fresh_run():
         == sorted(old["lengths"]["history"]["by_prompt"])
         == sorted(f"p{i}" for i in range(10))
     )
+
+
+def test_settings_a_policy_does_not_read_are_not_compared_on_resume():
+    # A sync run checkpointed when update_pacing defaulted to false goes on under today's
+    # default (sync never reads it); a sorted run of then is refused, naming both values.
+    for policy, refused in (("sync", False), ("sorted", True)):
+        cfg = SchedulerConfig.for_policy(
+            policy, group_size=1, update_batch=2, rollout_batch=4, max_new_tokens=60
+        )
+        ctl = Controller(cfg, _prompts(8))
+        run(ctl, SteppingEngine(4, _lengths(0)), UnitTrainer(), max_updates=1)
+        state = ctl.state_dict()
+        assert state["config"]["update_pacing"] is True  # today's default
+        state["config"]["update_pacing"] = False
+        fresh = Controller(cfg, _prompts(8))
+        if refused:
+            with pytest.raises(ValueError, match=r"update_pacing \(checkpoint False, now True\)"):
+                fresh.load_state_dict(state)
+        else:
+            fresh.load_state_dict(state)
+            assert fresh.version == 1

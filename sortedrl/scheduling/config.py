@@ -108,9 +108,10 @@ class SchedulerConfig(BaseModel):
         "resumed, fresh): in admission order (fifo), or the longest predicted remaining "
         "length first, predicted from the prompt's length history (longest_predicted)",
     )
-    # Default: off, so an update is never held back (the paper's behaviour).
+    # Default: on; at max_staleness 2 it measured the best goodput and least waste of every
+    # sorted setting on all three workload families of the frontier (README).
     update_pacing: bool = Field(
-        False,
+        True,
         description="sorted: hold an update back while groups it would push past the staleness "
         "limit are predicted to complete soon, when the idle engine slots of the wait cost less "
         "than the tokens restarting them would discard (cost model in scheduling/lengths.py)",
@@ -141,9 +142,14 @@ class SchedulerConfig(BaseModel):
         return cls(policy=policy, **{k: v for k, v in settings.items() if k not in ignored})
 
     @property
+    def paces_updates(self) -> bool:
+        """Whether updates are paced: `update_pacing` is read by `sorted` only."""
+        return self.update_pacing and self.policy == "sorted"
+
+    @property
     def uses_length_history(self) -> bool:
         """Whether the controller keeps a per-prompt length history."""
-        return self.submit_order != "fifo" or self.update_pacing
+        return self.submit_order != "fifo" or self.paces_updates
 
     @property
     def staleness_limit(self) -> int | None:
