@@ -151,6 +151,19 @@ class SchedulerConfig(BaseModel):
         """Whether the controller keeps a per-prompt length history."""
         return self.submit_order != "fifo" or self.paces_updates
 
+    def differences(self, saved: dict[str, object]) -> str:
+        """The settings this policy reads that differ in `saved` (a checkpoint's config dump),
+        with both values; empty when none do. Settings the policy does not read (whose
+        defaults may have changed since) are not compared."""
+        ignored = ignored_settings(self.policy, self.cache)
+        current = self.model_dump()
+        keys = sorted(k for k in saved.keys() | current.keys() if k not in ignored)
+        return ", ".join(
+            f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})"
+            for k in keys
+            if saved.get(k) != current.get(k)
+        )
+
     @property
     def staleness_limit(self) -> int | None:
         """Most versions a token may lag at training time; None means unbounded."""

@@ -31,7 +31,7 @@ from typing import Any
 
 from sortedrl.scheduling.buffer import RolloutBuffer
 from sortedrl.scheduling.checkpoint_format import CHECKPOINT_FORMAT, upgrade_checkpoint
-from sortedrl.scheduling.config import SchedulerConfig, ignored_settings
+from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.lengths import LengthTracker, queue_rank
 from sortedrl.scheduling.metrics import Ledger
 from sortedrl.scheduling.policies import Policy, make_policy
@@ -410,19 +410,9 @@ class Controller:
         state = upgrade_checkpoint(state)  # raises on a format it does not know
         if self._admitted or self._tickets:
             raise RuntimeError("load_state_dict needs a controller that has not started")
-        # Settings the policy does not read (their defaults may have changed) are not compared.
-        ignored = ignored_settings(self.config.policy, self.config.cache)
-        saved, current = state["config"], self.config.model_dump()
-        diff = sorted(
-            k
-            for k in saved.keys() | current.keys()
-            if k not in ignored and saved.get(k) != current.get(k)
-        )
+        diff = self.config.differences(state["config"])
         if diff:
-            said = ", ".join(
-                f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in diff
-            )
-            raise ValueError(f"scheduler settings differ from the checkpoint's: {said}")
+            raise ValueError(f"scheduler settings differ from the checkpoint's: {diff}")
         for _ in range(state["admitted"]):
             if self._next_spec is None:
                 raise ValueError("the prompt source is shorter than what the checkpoint admitted")
