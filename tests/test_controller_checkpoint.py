@@ -263,17 +263,19 @@ def test_a_format_3_checkpoint_with_a_history_loads_and_matches_a_fresh_run():
 
 
 def test_settings_a_policy_does_not_read_are_not_compared_on_resume():
-    # A sync run checkpointed when update_pacing defaulted to false goes on under today's
-    # default (sync never reads it); a sorted run of then is refused, naming both values.
-    for policy, refused in (("sync", False), ("sorted", True)):
+    # update_pacing is on by default for sorted only (sync records it off, as before it
+    # existed). A sync checkpoint that says otherwise still loads (sync never reads it); a
+    # sorted run checkpointed when pacing was off by default is refused, naming both values.
+    for policy, default in (("sync", False), ("sorted", True)):
         cfg = SchedulerConfig.for_policy(
             policy, group_size=1, update_batch=2, rollout_batch=4, max_new_tokens=60
         )
         ctl = Controller(cfg, _prompts(8))
         run(ctl, SteppingEngine(4, _lengths(0)), UnitTrainer(), max_updates=1)
         state = ctl.state_dict()
-        assert state["config"]["update_pacing"] is True  # today's default
-        state["config"]["update_pacing"] = False
+        assert state["config"]["update_pacing"] is default
+        state["config"]["update_pacing"] = not default
+        refused = policy == "sorted"
         fresh = Controller(cfg, _prompts(8))
         if refused:
             with pytest.raises(ValueError, match=r"update_pacing \(checkpoint False, now True\)"):
