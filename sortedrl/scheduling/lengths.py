@@ -4,9 +4,10 @@
 (`SchedulerConfig.uses_length_history`); its state goes into the controller checkpoint.
 
 `LengthHistory` keeps the most recent finished lengths of each prompt, keyed on its data
-record (`PromptSpec.history_key`), over epochs and over the siblings of the group in flight, and predicts how long a response runs given how far it
-has got: the mean of the prompt's recorded lengths that exceed its progress (lengths are
-heavy-tailed, so a response that outlived the short ones is predicted among the long ones).
+record (`PromptSpec.history_key`), over epochs and over the siblings of the group in flight,
+and predicts how long a response runs given how far it has got: the mean of the prompt's
+recorded lengths that exceed its progress (lengths are heavy-tailed, so a response that
+outlived the short ones is predicted among the long ones).
 A prompt with no record borrows the same estimate from every length seen so far.
 
 `plan_wait` is the update-pacing decision (`SchedulerConfig.update_pacing`). Its cost model,
