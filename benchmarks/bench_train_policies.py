@@ -1,7 +1,8 @@
 """Real training, policy against policy: the same data, seeds, model and update batch.
 
 Runs `sortedrl train` once per policy and seed (sync, sorted with keep and with drop, partial,
-async, and `sorted-paced`: sorted with update pacing and longest-predicted-first submission)
+async; `sorted-keep` is the default sorted, with update pacing; `sorted-unpaced` turns pacing
+off; `sorted-paced` adds longest-predicted-first submission)
 on the embedded default (or the overrides you pass) and prints, per policy, the mean and the
 standard deviation over the seeds of bubble ratio, goodput (trained tokens and samples per
 second of the run loop) and its ratio to `sync` of the same seed, wasted tokens, staleness,
@@ -24,6 +25,11 @@ from sortedrl.config import load_config
 POLICIES = {
     "sync": ["scheduler.policy=sync"],
     "sorted-keep": ["scheduler.policy=sorted", "scheduler.cache=keep"],
+    "sorted-unpaced": [
+        "scheduler.policy=sorted",
+        "scheduler.cache=keep",
+        "scheduler.update_pacing=false",
+    ],
     "sorted-paced": [
         "scheduler.policy=sorted",
         "scheduler.cache=keep",

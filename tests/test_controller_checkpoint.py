@@ -11,6 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from stepping_engine import SteppingEngine, UnitTrainer
 
+from sortedrl.scheduling.checkpoint_format import CHECKPOINT_FORMAT
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller, controller_state, restore_controller
 from sortedrl.scheduling.loop import run
@@ -150,11 +151,12 @@ def test_a_checkpoint_written_before_state_dict_existed_still_loads():
         max_staleness=1,
         max_regenerations=1,
         max_new_tokens=60,
+        update_pacing=False,  # the run before update pacing existed
     )
     assert old["format"] == 1 and "max_staleness" in old["ledger"]["updates"][0]
     ctl = restore_controller(cfg, _prompts(20), old)
     new = json.loads(json.dumps(controller_state(ctl)))
-    assert new["format"] == 3
+    assert new["format"] == CHECKPOINT_FORMAT
     assert (
         new["ledger"]["updates"][0]["max_staleness_trained"]
         == (old["ledger"]["updates"][0]["max_staleness"])
@@ -178,11 +180,13 @@ def test_an_unknown_format_or_a_used_controller_is_refused():
 
 
 def _assert_same_state_but_length_fields(new, old):
-    """`new` (format 3) holds what `old` (format 1 or 2) did, plus the length-aware fields
-    at the values of a run without them: epoch 0, queue rank 0, no history."""
+    """`new` (the current format) holds what `old` (format 1 or 2) did, plus the length-aware
+    fields at the values of a run without them: epoch 0, no record id, queue rank 0, no
+    history."""
     assert new["config"]["submit_order"] == "fifo" and new["config"]["update_pacing"] is False
     assert new["lengths"] is None
     assert [g.pop("epoch") for g in new["groups"]] == [0] * len(old["groups"])
+    assert [g.pop("record_id") for g in new["groups"]] == [None] * len(old["groups"])
     assert [q.pop() for q in new["queue"]] == [0.0] * len(old["queue"])
     for key in ("groups", "queue", "complete", "cached", "version", "admitted"):
         assert new[key] == old[key], key
@@ -201,6 +205,7 @@ def test_a_format_2_checkpoint_loads_and_matches_a_fresh_run():
         max_staleness=1,
         max_regenerations=1,
         max_new_tokens=60,
+        update_pacing=False,  # the run before update pacing existed
     )
     assert old["format"] == 2 and "submit_order" not in old["config"]
     ctl = Controller(cfg, _prompts(20))
@@ -214,3 +219,67 @@ def test_a_format_2_checkpoint_loads_and_matches_a_fresh_run():
     s = result.summary
     assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"] == 20
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
+
+
+def test_a_format_3_checkpoint_with_a_history_loads_and_matches_a_fresh_run():
+    # Written by Controller.state_dict of the code before record ids (format 3): longest
+    # predicted first and update pacing over two epochs of 10 prompts, stopped after 7 updates.
+    old = json.loads((Path(__file__).parent / "data" / "controller_state_v3.json").read_text())
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="keep",
+        group_size=2,
+        rollout_batch=6,
+        update_batch=2,
+        max_staleness=1,
+        max_regenerations=1,
+        max_new_tokens=60,
+        submit_order="longest_predicted",
+        update_pacing=True,
+    )
+
+    def specs():
+        return [PromptSpec(f"p{i}", 3, [1, 2, i], epoch=e) for e in range(2) for i in range(10)]
+
+    assert old["format"] == 3 and old["lengths"]["history"]["by_prompt"]
+    ctl = Controller(cfg, specs())
+    ctl.load_state_dict(old)
+    new = json.loads(json.dumps(ctl.state_dict()))
+    assert [g.pop("record_id") for g in new["groups"]] == [None] * len(old["groups"])
+    for key in ("groups", "queue", "lengths", "version", "admitted"):
+        assert new[key] == old[key], key
+    result = run(ctl, SteppingEngine(5, _lengths(3)), UnitTrainer())
+    s = result.summary
+    assert s["prompts_admitted"] == s["prompts_trained"] + s["prompts_dropped"] == 20
+    assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
+    assert s["max_staleness_trained"] <= 1
+    # Without record ids the prompt id stays the history's key, as it was.
+    history = ctl.state_dict()["lengths"]["history"]["by_prompt"]
+    assert (
+        sorted(history)
+        == sorted(old["lengths"]["history"]["by_prompt"])
+        == sorted(f"p{i}" for i in range(10))
+    )
+
+
+def test_settings_a_policy_does_not_read_are_not_compared_on_resume():
+    # update_pacing is on by default for sorted only (sync records it off, as before it
+    # existed). A sync checkpoint that says otherwise still loads (sync never reads it); a
+    # sorted run checkpointed when pacing was off by default is refused, naming both values.
+    for policy, default in (("sync", False), ("sorted", True)):
+        cfg = SchedulerConfig.for_policy(
+            policy, group_size=1, update_batch=2, rollout_batch=4, max_new_tokens=60
+        )
+        ctl = Controller(cfg, _prompts(8))
+        run(ctl, SteppingEngine(4, _lengths(0)), UnitTrainer(), max_updates=1)
+        state = ctl.state_dict()
+        assert state["config"]["update_pacing"] is default
+        state["config"]["update_pacing"] = not default
+        refused = policy == "sorted"
+        fresh = Controller(cfg, _prompts(8))
+        if refused:
+            with pytest.raises(ValueError, match=r"update_pacing \(checkpoint False, now True\)"):
+                fresh.load_state_dict(state)
+        else:
+            fresh.load_state_dict(state)
+            assert fresh.version == 1

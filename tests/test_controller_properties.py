@@ -65,6 +65,8 @@ configs = st.fixed_dictionaries(
         "prompt_sigma": st.floats(0.0, 1.5),
         "submit_order": st.sampled_from(["fifo", "longest_predicted"]),
         "update_pacing": st.booleans(),
+        # As `sortedrl train`: a prompt id per admission, the history keyed on the record.
+        "record_ids": st.booleans(),
     }
 )
 
@@ -84,11 +86,22 @@ def _run(c: dict, max_updates: int | None = None):
         submit_order=c["submit_order"],
         update_pacing=c["update_pacing"] and c["policy"] == "sorted",
     )
-    specs = [
-        PromptSpec(f"p{i}", 5, epoch=e) for e in range(c["epochs"]) for i in range(c["prompts"])
-    ]
+    if c["record_ids"]:
+        specs = [
+            PromptSpec(f"p{i}@{e}", 5, epoch=e, record_id=f"p{i}")
+            for e in range(c["epochs"])
+            for i in range(c["prompts"])
+        ]
+    else:
+        specs = [
+            PromptSpec(f"p{i}", 5, epoch=e) for e in range(c["epochs"]) for i in range(c["prompts"])
+        ]
     ctl = Controller(cfg, specs)
-    lengths = _lengths(c["seed"], c["cap"], c["sigma"], c["prompt_sigma"])
+    of_record = _lengths(c["seed"], c["cap"], c["sigma"], c["prompt_sigma"])
+
+    def lengths(p, i, a, e):
+        return of_record(p.split("@")[0], i, a, e)  # a record's lengths, whatever its id
+
     engine = CountingEngine(c["capacity"], lengths, by_epoch=True)
     trainer = UnitTrainer(3.0)
     rng = random.Random(c["seed"])
@@ -119,7 +132,9 @@ def test_counts_balance_and_limits_hold(c):
     assert s["tokens_in_flight"] == 0
     assert result.controller.num_queued == 0  # the queue count never drifts
     # No prompt trained twice in an epoch (nor lost); every trained group is complete.
-    trained = Counter(g.prompt_id for b in trainer.batches for g in b.groups)
+    ids = [g.prompt_id for b in trainer.batches for g in b.groups]
+    assert not c["record_ids"] or len(set(ids)) == len(ids)  # each admission once
+    trained = Counter(pid.split("@")[0] for pid in ids)
     assert sum(trained.values()) == s["prompts_trained"]
     assert all(n <= c["epochs"] for n in trained.values())
     if not cfg.filter_equal_rewards:

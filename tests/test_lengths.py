@@ -123,6 +123,49 @@ def test_longest_predicted_first_submits_the_long_prompt_first():
     assert order[:2] == ["p0@0", "p0@0"]  # epoch 0: no history, admission order
 
 
+@pytest.mark.parametrize("keyed_on_record", [True, False])
+def test_history_follows_the_record_when_each_admission_has_its_own_prompt_id(keyed_on_record):
+    # As `sortedrl train` over several epochs: every admission has its own prompt id, and the
+    # record it comes from is named by record_id. Epoch 0 records that r2 is long; in epoch 1
+    # its copy (another prompt id) is submitted first. Without a record id the epoch-1 copies
+    # look unseen and go in admission order.
+    cfg = SchedulerConfig(
+        policy="sorted",
+        cache="keep",
+        admission="round",
+        group_size=2,
+        rollout_batch=3,
+        update_batch=3,
+        max_new_tokens=100,
+        submit_order="longest_predicted",
+    )
+    specs = [
+        PromptSpec(f"e{e}/p{i}", 3, epoch=e, record_id=f"r{i}" if keyed_on_record else None)
+        for e in range(2)
+        for i in range(3)
+    ]
+    lengths = {"p0": 3, "p1": 5, "p2": 30}
+    engine = SteppingEngine(2, lambda p, i, a: lengths[p.split("/")[1]])
+    order: list[str] = []
+    submit = engine.submit
+
+    def spy(requests):
+        order.extend(r.prompt_id for r in requests)
+        submit(requests)
+
+    engine.submit = spy
+    ctl = Controller(cfg, specs)
+    run(ctl, engine, UnitTrainer())
+    epoch1 = [x for x in order if x.startswith("e1/")]
+    history = ctl.state_dict()["lengths"]["history"]["by_prompt"]
+    if keyed_on_record:
+        assert epoch1[:2] == ["e1/p2", "e1/p2"]
+        assert history == {"r0": [3] * 4, "r1": [5] * 4, "r2": [30] * 4}  # both epochs
+    else:
+        assert epoch1[:2] == ["e1/p0", "e1/p0"]
+        assert sorted(history) == [f"e{e}/p{i}" for e in range(2) for i in range(3)]
+
+
 @pytest.mark.parametrize("submit_order", ["fifo", "longest_predicted"])
 def test_checkpoint_keeps_history_and_goes_on_exactly(submit_order):
     cfg = SchedulerConfig(

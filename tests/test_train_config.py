@@ -87,3 +87,16 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
             total_updates=1,
             progress=False,
         )
+
+
+def test_update_pacing_is_on_for_sorted_and_recorded_off_for_the_others():
+    # Only sorted reads it; the others record it off, as their runs did before it became
+    # sorted's default, so a run's settings (what a resume compares) stay as they were.
+    assert load_config(None, []).scheduler.update_pacing is True
+    assert load_config(None, ["scheduler.update_pacing=false"]).scheduler.update_pacing is False
+    for policy in ("sync", "partial", "async"):
+        cfg = load_config(None, [f"scheduler.policy={policy}"])
+        assert cfg.scheduler.update_pacing is False
+        assert cfg.model_dump(mode="json")["scheduler"]["update_pacing"] is False
+    with pytest.raises(ConfigError, match="update_pacing is set, but policy sync ignores it"):
+        load_config(None, ["scheduler.policy=sync", "scheduler.update_pacing=false"])

@@ -134,3 +134,50 @@ def test_eval_command_takes_the_dataset_task_settings(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, [*args, *rest, *cap])
     assert res.exit_code == 2 and "'problem'" in res.output, res.output
     assert "task.prompt_key" in res.output
+
+
+def test_epochs_over_a_file_feed_the_length_history_of_each_record(tmp_path, monkeypatch):
+    """Two passes over a 6-record file: each admission has its own prompt id and epoch, and
+    the controller's length history is keyed on the record, so epoch 1 predicts from epoch 0."""
+    from click.testing import CliRunner
+
+    from sortedrl.cli import main
+
+    (tmp_path / "user_rewards_mod.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]))
+    out = tmp_path / "run"
+    settings = [
+        "task.name=dataset",
+        f"task.path={data}",
+        f"task.eval_path={data}",
+        "task.prompt_key=sum",
+        "task.answer_key=expected",
+        "task.reward_fns=[user_rewards_mod:exact_sum]",
+        "task.reward_workers=0",
+        "task.train_prompts=12",
+        "task.eval_prompts=2",
+        "scheduler.group_size=2",
+        "rollout.capacity=8",
+        "scheduler.max_new_tokens=6",
+        "scheduler.update_batch=2",
+        "scheduler.rollout_batch=4",
+        "scheduler.submit_order=longest_predicted",
+        "checkpoint.every_updates=0",
+        "eval.sampled=0",
+    ]
+    model = _model_dir(tmp_path / "my-model")
+    args = ["train", "--out", str(out), "--model", str(model), "--no-progress", *settings]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["train_records"] == 6 and doc["epochs"] == pytest.approx(2.0)
+    (ckpt,) = (out / "checkpoints").iterdir()
+    state = json.loads((ckpt / "controller.json").read_text())
+    history = state["lengths"]["history"]["by_prompt"]
+    # 12 admissions, 6 records: one history per record, holding the responses of both epochs
+    # (more where a response was discarded and generated again).
+    assert len(history) == 6 and all(k.startswith("rec/") for k in history)
+    assert all(len(v) >= 2 * 2 for v in history.values())
+    assert sum(len(v) for v in history.values()) >= 12 * 2

@@ -154,6 +154,13 @@ def train_records(task: Any) -> int | None:
     return count("train") if callable(count) else None
 
 
+def record_id(problem: Problem) -> str:
+    """The record a training prompt is drawn from, named by its prompt text: every epoch's
+    copy of a record (and a generated problem drawn again) shares it, so the controller's
+    length history learns from the earlier ones while each admission keeps its own prompt id."""
+    return "rec/" + hashlib.blake2b(problem.prompt.encode("utf-8"), digest_size=8).hexdigest()
+
+
 def prepare_prompts(
     train: list[Problem],
     held_out: list[Problem],
@@ -173,5 +180,6 @@ def prepare_prompts(
             raise ConfigError(f"task: duplicate prompt id {p.prompt_id!r}")
         by_id[p.prompt_id] = p
         ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
-        specs.append(PromptSpec(p.prompt_id, len(ids), ids))
+        epoch = int(p.meta.get("epoch", 0))
+        specs.append(PromptSpec(p.prompt_id, len(ids), ids, epoch, record_id(p)))
     return Prompts(train, held_out, by_id, specs, records)

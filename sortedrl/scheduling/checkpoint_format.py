@@ -8,7 +8,8 @@ from typing import Any
 # Bump when the layout changes. 2: update records use the measured names
 # (max_staleness_trained, ...). 3: length-aware scheduling (issue #10): the settings
 # submit_order and update_pacing, each group's epoch, a rank per queue entry, the length history.
-CHECKPOINT_FORMAT = 3
+# 4: each group's record_id (the length history's key when it is not the prompt id).
+CHECKPOINT_FORMAT = 4
 _V1_UPDATE_KEYS = {
     "mean_response_len": "response_len_mean",
     "max_staleness": "max_staleness_trained",
@@ -41,12 +42,20 @@ def _upgrade_v2(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _upgrade_v3(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 3 to 4: every group's prompt id was its record (no record_id)."""
+    groups = [{"record_id": None, **g} for g in state["groups"]]
+    return {**state, "format": 4, "groups": groups}
+
+
 def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     """`state` in the current format; raises on a format this code does not know."""
     if state.get("format") == 1:
         state = _upgrade_v1(state)
     if state.get("format") == 2:
         state = _upgrade_v2(state)
+    if state.get("format") == 3:
+        state = _upgrade_v3(state)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"unknown controller checkpoint format {state.get('format')!r}")
     return state

@@ -198,7 +198,7 @@ class Controller:
             seq.finish_reason = gen.finish_reason
             seq.reward = rewards[i] if rewards is not None else 0.0
             if self._lengths is not None:
-                self._lengths.history.record(seq.group.prompt_id, gen.n_tokens)
+                self._lengths.history.record(seq.group.spec.history_key, gen.n_tokens)
             if self.buffer.add_finished(seq):
                 self._on_group_complete(seq.group)
 
@@ -255,7 +255,7 @@ class Controller:
         ):
             return False
         if complete >= self.config.update_batch:
-            return not (self.config.update_pacing and self._pacing_holds())
+            return not (self.config.paces_updates and self._pacing_holds())
         # End of data: train what is left rather than lose it.
         return self.exhausted and complete == len(self._groups)
 
@@ -410,10 +410,9 @@ class Controller:
         state = upgrade_checkpoint(state)  # raises on a format it does not know
         if self._admitted or self._tickets:
             raise RuntimeError("load_state_dict needs a controller that has not started")
-        saved, current = state["config"], self.config.model_dump()
-        diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        diff = self.config.differences(state["config"])
         if diff:
-            raise ValueError(f"scheduler settings differ from the checkpoint's: {', '.join(diff)}")
+            raise ValueError(f"scheduler settings differ from the checkpoint's: {diff}")
         for _ in range(state["admitted"]):
             if self._next_spec is None:
                 raise ValueError("the prompt source is shorter than what the checkpoint admitted")

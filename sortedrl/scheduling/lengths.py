@@ -3,10 +3,11 @@
 `LengthTracker` is what the controller holds when a length-aware setting is on
 (`SchedulerConfig.uses_length_history`); its state goes into the controller checkpoint.
 
-`LengthHistory` keeps the most recent finished lengths of each prompt, over epochs and over
-the siblings of the group in flight, and predicts how long a response runs given how far it
-has got: the mean of the prompt's recorded lengths that exceed its progress (lengths are
-heavy-tailed, so a response that outlived the short ones is predicted among the long ones).
+`LengthHistory` keeps the most recent finished lengths of each prompt, keyed on its data
+record (`PromptSpec.history_key`), over epochs and over the siblings of the group in flight,
+and predicts how long a response runs given how far it has got: the mean of the prompt's
+recorded lengths that exceed its progress (lengths are heavy-tailed, so a response that
+outlived the short ones is predicted among the long ones).
 A prompt with no record borrows the same estimate from every length seen so far.
 
 `plan_wait` is the update-pacing decision (`SchedulerConfig.update_pacing`). Its cost model,
@@ -44,21 +45,22 @@ class LengthHistory:
         self._by_prompt: dict[str, deque[int]] = {}
         self._all: deque[int] = deque(maxlen=4096)  # recent lengths of every prompt
 
-    def record(self, prompt_id: str, length: int) -> None:
-        hist = self._by_prompt.get(prompt_id)
+    def record(self, key: str, length: int) -> None:
+        """A finished response of the prompt whose history key (its record) is `key`."""
+        hist = self._by_prompt.get(key)
         if hist is None:
-            hist = self._by_prompt[prompt_id] = deque(maxlen=HISTORY_WINDOW)
+            hist = self._by_prompt[key] = deque(maxlen=HISTORY_WINDOW)
         hist.append(length)
         self._all.append(length)
 
-    def known(self, prompt_id: str) -> int:
-        """How many lengths of this prompt are on record."""
-        hist = self._by_prompt.get(prompt_id)
+    def known(self, key: str) -> int:
+        """How many lengths of this record are kept."""
+        hist = self._by_prompt.get(key)
         return len(hist) if hist else 0
 
-    def predict(self, prompt_id: str, progress: float = 0.0) -> float:
-        """Predicted total length of a response of this prompt that has `progress` tokens."""
-        hist = self._by_prompt.get(prompt_id) or self._all
+    def predict(self, key: str, progress: float = 0.0) -> float:
+        """Predicted total length of a response of this record that has `progress` tokens."""
+        hist = self._by_prompt.get(key) or self._all
         longer = [x for x in hist if x > progress]
         if longer:
             return sum(longer) / len(longer)
@@ -165,7 +167,7 @@ class LengthTracker:
         return float(seq.n_tokens)
 
     def remaining(self, seq: Seq, progress: float) -> float:
-        return max(0.0, self.history.predict(seq.group.prompt_id, progress) - progress)
+        return max(0.0, self.history.predict(seq.group.spec.history_key, progress) - progress)
 
     def rank(self, seq: Seq) -> float:
         """Queue order for `submit_order=longest_predicted` (lower first)."""

@@ -43,7 +43,17 @@ class PromptSpec:
     prompt_id: str
     prompt_len: int
     prompt_token_ids: list[int] | None = None
-    epoch: int = 0  # which pass over the data this is (the same prompt_id recurs per epoch)
+    epoch: int = 0  # which pass over the data this is
+    # The data record the prompt is drawn from, which the length history is keyed on, so a
+    # record's lengths in earlier epochs predict its later ones. None: the prompt id is the
+    # record (the simulator, where one prompt id recurs per epoch); `sortedrl train` gives each
+    # admission its own prompt id and names the record by its prompt text.
+    record_id: str | None = None
+
+    @property
+    def history_key(self) -> str:
+        """The key of this prompt's lengths in the length history."""
+        return self.prompt_id if self.record_id is None else self.record_id
 
 
 @dataclass(eq=False)
@@ -155,6 +165,7 @@ class Group:
             "prompt_len": spec.prompt_len,
             "prompt_token_ids": spec.prompt_token_ids,
             "epoch": spec.epoch,
+            "record_id": spec.record_id,
             "order": self.order,
             "round": self.round,
             "state": self.state.value,
@@ -168,7 +179,11 @@ class Group:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Group:
         spec = PromptSpec(
-            state["prompt_id"], state["prompt_len"], state["prompt_token_ids"], state["epoch"]
+            state["prompt_id"],
+            state["prompt_len"],
+            state["prompt_token_ids"],
+            state["epoch"],
+            state["record_id"],
         )
         group = cls(spec, state["order"], state["round"])
         group.state = GroupState(state["state"])
