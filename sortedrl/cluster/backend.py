@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 class LocalBackend:
     """One engine and one trainer in this process (the default)."""
 
-    name = "local"
+    #: whether the engine replaces its own failed parts (the run loop restarts a local one)
+    engine_restarts_itself = False
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -57,7 +58,7 @@ class RayBackend:
     """`cluster.rollout_replicas` engine replicas and `cluster.trainer_ranks` FSDP2 ranks as
     Ray actors in one placement group (`sortedrl.cluster.placement`)."""
 
-    name = "ray"
+    engine_restarts_itself = True  # the replica pool restarts its replicas
 
     def __init__(self, cfg: TrainConfig) -> None:
         from sortedrl.cluster.placement import Placement
@@ -85,7 +86,6 @@ class RayBackend:
     ) -> Engine:
         from sortedrl.cluster.replicas import build_replica_pool
 
-        self._close_engine()  # a restart: the old pool's replicas go first
         self._engine = build_replica_pool(
             self.cfg, model, tokenizer, version, self.placement, problems_by_id
         )

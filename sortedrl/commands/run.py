@@ -206,8 +206,10 @@ class Run:
                     on_update=self.on_update,
                     max_updates=self.cfg.max_updates,
                     should_stop=lambda: self.stop_signum is not None,
-                    # A replica pool restarts its own replicas; a pool that gave up stops the run.
-                    restart_engine=None if self.backend.name == "ray" else self.restart_engine,
+                    # An engine that restarts itself and gave up stops the run.
+                    restart_engine=(
+                        None if self.backend.engine_restarts_itself else self.restart_engine
+                    ),
                     max_engine_restarts=self.cfg.max_engine_failures - 1,
                     pause_for_update=pause_for_update,
                     clock=self.clock,

@@ -84,7 +84,10 @@ class Replica:
         self.ev_step = 0
         self.dirty = False  # state changed since its event was computed
         self.decode = decode  # CostModel.decode_steps_time(running, kv, steps)
-        self.busy_slot_s = 0.0  # sequence-seconds run on this replica (its share of busy)
+        # Sequence-seconds run on this replica (its share of the engine's busy_slot_s; its
+        # bubble is 1 - busy / (max_num_seqs * generating time)), credited at step
+        # boundaries; the step in progress at an abort counts in full.
+        self.busy_slot_s = 0.0
 
     def mark(self, m: int, version: int) -> None:
         """Steps after boundary `m` run `version`."""

@@ -139,12 +139,6 @@ class SimulatedEngine:
     def replicas(self) -> tuple[Replica, ...]:
         return tuple(self._reps)
 
-    def replica_busy_slot_s(self) -> list[float]:
-        """Sequence-seconds each replica ran (the engine's `busy_slot_s`, per replica): its
-        bubble ratio is `1 - busy / (max_num_seqs * generating time)`. Credited at the
-        replica's step boundaries; the step in progress at an abort counts in full here."""
-        return [r.busy_slot_s for r in self._reps]
-
     @property
     def num_running(self) -> int:
         return self._running

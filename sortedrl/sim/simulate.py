@@ -287,7 +287,10 @@ def _replica_bubbles(result: RunResult, spec: ClusterSpec) -> list[float]:
     engine = result.engine
     assert isinstance(engine, SimulatedEngine)
     slots = spec.max_num_seqs * result.clock.generating_s
-    return [round(1.0 - b / slots, 4) if slots else 0.0 for b in engine.replica_busy_slot_s()]
+    return [
+        round(1.0 - b / slots, 4) if slots else 0.0
+        for b in (r.busy_slot_s for r in engine.replicas)
+    ]
 
 
 def _gpu_busy_share(summary: dict[str, Any], split: Split) -> float:
