@@ -165,8 +165,11 @@ class ReplicaPool:
         self._route()
 
     def step(self) -> StepReport:
-        """Wait for at least one replica's poll (none when a settle left reports to return),
-        collect every one that is ready, send the next ones; one merged report."""
+        """Send a poll to every working replica without one, wait for at least one (none
+        when a settle left reports to return), collect every one that is ready; one merged
+        report. The collected replicas go on stepping; their next polls go with the next
+        `step()`, so they carry the requests the caller submits in between (a slot freed is
+        refilled after one turn of the driver, not after a heartbeat)."""
         self._route()
         self._launch_idle()
         in_flight = [r.poll_ref for r in self._reps if r.poll_ref is not None]
@@ -177,7 +180,6 @@ class ReplicaPool:
                 ready, _ = self._ray.wait(in_flight, num_returns=1)
             self._collect(set(ready))
             self._route()
-            self._launch_idle()
         return self._report()
 
     def settle(self) -> StepReport:
@@ -252,8 +254,8 @@ class ReplicaPool:
         self._waiting.clear()
 
     def in_flight(self) -> int:
-        """Polls in flight (sent, not yet collected)."""
-        return sum(r.poll_ref is not None for r in self._reps)
+        """Replicas stepping now by themselves: polled since the last settle, with work."""
+        return sum(r.live and bool(r.held) for r in self._reps)
 
     def actors(self) -> list[Any]:
         """The replicas' actor handles, by index (a restarted replica's is the new one)."""
@@ -389,15 +391,16 @@ class ReplicaPool:
     def _horizon(self) -> float | None:
         """The earliest driver time from which a replica may still deliver busy time: where
         a working replica's next period starts, or when a poll reached an idle one (not
-        before it was sent). None: no replica is working."""
+        before it was sent; not before now, for one whose poll is not sent yet). None: no
+        replica is working."""
         starts = []
         for rep in self._reps:
-            if rep.poll_ref is None:
-                continue
-            if rep.next_start is not None:
+            if rep.next_start is not None and (rep.poll_ref is not None or rep.held):
                 starts.append(self._clock.next_floor(rep.index, rep.next_start))
-            else:
+            elif rep.poll_ref is not None:
                 starts.append(rep.launched_at)
+            elif rep.held:
+                starts.append(time.perf_counter())
         return min(starts) if starts else None
 
     def _report(self) -> StepReport:
