@@ -287,7 +287,7 @@ class EngineReplica:
             if requests:
                 self.prompt_of.update({r.request_id: r.prompt_id for r in requests})
                 self._handed += requests
-            if self._held:  # a period after a hold starts at its first step
+            if self._held and not self._stepping:  # a period after a hold starts at its first step
                 self._period = None
                 self._held = False
             self._live, self._steps_left = True, max_steps
@@ -322,7 +322,7 @@ class EngineReplica:
             self._period = end if working else None
         else:  # no step ended: an empty period, the one in progress goes on
             start = end = self._period if self._period is not None else time.perf_counter()
-        if self._held:
+        if self._held and not self._stepping:  # a step completing now is in the next period
             self._period = None
         self._seq += 1
         out = Delivery(

@@ -37,6 +37,7 @@ raise `ReplicaPoolError`.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -454,6 +455,11 @@ class ReplicaPool:
                 f"rollout replica {rep.index} failed {rep.failures_in_a_row} time(s) in a row; "
                 f"last error: {type(error).__name__}: {error}"
             ) from error
+        print(
+            f"warning: rollout replica {rep.index} failed ({type(error).__name__}: "
+            f"{str(error)[-2000:]}); restarting it",
+            file=sys.stderr,
+        )
         ray = self._ray
         try:
             ray.kill(rep.actor)
