@@ -6,7 +6,7 @@ default spec (`sortedrl.workload.default_lengths_spec`) at `--cap`. The driver k
 slot supplied (a request for each slot that frees), as the run loop does, until
 `--completions-per-replica` x replicas responses have come back (or `--max-seconds`).
 
-Two protocols in the same run, on the same actors:
+Two protocols in the same run, each on fresh actors:
 
 - `per_step`: one Ray call per engine step, the replica idle while the driver turns it around
   (the pool before replicas ran by themselves);
@@ -152,7 +152,6 @@ def drive(pool: ReplicaPool, cap: int, completions: int, max_s: float, tag: str)
     busy += report.busy_slot_s
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     calls = pool.polls + pool.settles - polls0
-    pool.pause()  # empty the engines for the next protocol
     return {
         "completions": done,
         "wall_s": wall,
@@ -189,17 +188,17 @@ def main() -> None:
     rows = []
     try:
         for n in counts:
-            actors = [
-                actor.options(num_cpus=args.replica_cpus).remote(
-                    args.capacity, spec, args.cap, args.step_ms / 1000, 0
-                )
-                for _ in range(n)
-            ]
-            ray.get([a.capacity.remote() for a in actors])
             total = args.completions_per_replica * n
             local = in_process_bubble(n, args.capacity, spec, args.cap, total)
             res = {}
-            for proto in ("per_step", "free"):
+            for proto in ("per_step", "free"):  # fresh actors for each: a pool numbers its polls
+                actors = [
+                    actor.options(num_cpus=args.replica_cpus).remote(
+                        args.capacity, spec, args.cap, args.step_ms / 1000, 0
+                    )
+                    for _ in range(n)
+                ]
+                ray.get([a.capacity.remote() for a in actors])
                 pool = ReplicaPool(
                     lambda i, a=actors: a[i],
                     n,
@@ -208,6 +207,7 @@ def main() -> None:
                     per_step=proto == "per_step",
                 )
                 r = drive(pool, args.cap, total, args.max_seconds, f"{proto}{n}-")
+                pool.close()
                 r["keeps_up"] = r["completions"] >= total and r["bubble"] <= local + args.keep_up
                 res[proto] = r
                 print(
@@ -224,8 +224,6 @@ def main() -> None:
                 flush=True,
             )
             rows.append((n, res))
-            for a in actors:
-                ray.kill(a)
         for proto in ("per_step", "free"):
             ok = [n for n, res in rows if res[proto]["keeps_up"]]
             print(

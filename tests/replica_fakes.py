@@ -40,8 +40,8 @@ class LateDeliveryReplica(SteppingReplica):
         super().__init__(capacity, delay)
         self.late_s = late_s
 
-    def poll(self, requests, wait_s, max_steps=None):
-        self._hand_over(requests, max_steps)
+    def poll(self, requests, wait_s, max_steps=None, number=0):
+        self._hand_over(requests, max_steps, number)
         if not self._first_poll_done:
             self._first_poll_done = True
             time.sleep(self.late_s)

@@ -15,6 +15,8 @@ Only the loop thread touches the engine; the actor's methods are messages to it:
 
 A method may run while a `poll` waits (the pool starts the actor with `max_concurrency` > 1);
 an actor started with one thread still works, a settle then waits for the poll's heartbeat.
+A threaded actor may run a settle before a poll sent ahead of it, so polls are numbered and a
+settle first waits for the poll it follows to be handed over.
 
 Time is the replica's own (`time.perf_counter`): a delivery covers a period from one step
 boundary to another, and its busy slot-time is what the engine reported for the steps that
@@ -120,6 +122,7 @@ class EngineReplica:
         self._error: BaseException | None = None
         self._closed = False
         self._seq = 0
+        self._polls = 0  # the number of the latest poll handed over
         self._period: float | None = None  # start of the period in progress
         self._last_end: float | None = None  # end of the last step
         # The period's totals so far; its `finished` are scored and not yet delivered.
@@ -146,16 +149,24 @@ class EngineReplica:
             return self._unfinished + len(self._handed) + len(self._acc.finished)
 
     def poll(
-        self, requests: Sequence[Request], wait_s: float | None, max_steps: int | None = None
+        self,
+        requests: Sequence[Request],
+        wait_s: float | None,
+        max_steps: int | None = None,
+        number: int = 0,
     ) -> Delivery:
         """Hand over `requests`, go live (at most `max_steps` more steps), and return what
-        finished: at the first completion, when out of work or held, or after `wait_s`."""
-        self._hand_over(requests, max_steps)
+        finished: at the first completion, when out of work or held, or after `wait_s`.
+        `number`: the driver's count of polls sent to this replica, this one included."""
+        self._hand_over(requests, max_steps, number)
         return self._deliver_when_ready(wait_s)
 
-    def settle(self) -> Delivery:
-        """Hold: the step in progress completes and no other starts; returns what finished."""
+    def settle(self, after: int = 0) -> Delivery:
+        """Hold: the step in progress completes and no other starts; returns what finished.
+        `after`: the number of the last poll sent before it, which is handed over first."""
         with self._cond:
+            while self._polls < after and self._error is None:
+                self._cond.wait()
             self._live, self._held = False, True
             self._cond.notify_all()
             while self._stepping and self._error is None:
@@ -280,15 +291,18 @@ class EngineReplica:
             self._cond.notify_all()
         return fut.result()
 
-    def _hand_over(self, requests: Sequence[Request], max_steps: int | None) -> None:
+    def _hand_over(self, requests: Sequence[Request], max_steps: int | None, number: int) -> None:
         with self._cond:
+            self._polls = max(self._polls, number)
+            self._cond.notify_all()  # a settle may wait for this poll
             if self._error is not None:
                 raise self._error
             if requests:
                 self.prompt_of.update({r.request_id: r.prompt_id for r in requests})
                 self._handed += requests
-            if self._held and not self._stepping:  # a period after a hold starts at its first step
-                self._period = None
+            if self._held:
+                if not self._stepping:  # a period after a hold starts at its first step
+                    self._period = None
                 self._held = False
             self._live, self._steps_left = True, max_steps
             self._cond.notify_all()

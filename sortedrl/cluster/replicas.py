@@ -74,6 +74,7 @@ class _Replica:
     offset: float = 0.0  # driver clock minus the replica's
     next_start: float | None = None  # driver time its next period starts; None: idle or held
     live: bool = False  # polled since the last settle (it may be stepping)
+    polls_sent: int = 0  # to this actor (a settle names the last one)
     failures_in_a_row: int = 0
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -308,10 +309,11 @@ class ReplicaPool:
     def _launch(self, rep: _Replica) -> None:
         sent, rep.outbox = rep.outbox, []
         rep.launched_at = time.perf_counter()
+        rep.polls_sent += 1
         if self.per_step:
-            rep.poll_ref = rep.actor.poll.remote(sent, None, 1)
+            rep.poll_ref = rep.actor.poll.remote(sent, None, 1, rep.polls_sent)
         else:
-            rep.poll_ref = rep.actor.poll.remote(sent, self.report_s)
+            rep.poll_ref = rep.actor.poll.remote(sent, self.report_s, None, rep.polls_sent)
         rep.live = True
         self.polls += 1
         self._clock.launched(rep.launched_at)
@@ -354,11 +356,14 @@ class ReplicaPool:
         held.prefill_tokens += d.prefill_tokens
 
     def _settle_all(self) -> None:
-        """Hold every replica polled since the last settle and take in all it delivers."""
-        live = [r for r in self._reps if r.live]
+        """Hold every replica that may be stepping and take in all it delivers. One that had
+        no work at its last delivery and got none since has nothing to step or deliver."""
+        live = [r for r in self._reps if r.live and (r.poll_ref is not None or r.held)]
+        for rep in self._reps:
+            rep.live = False
         calls = []
         for rep in live:
-            calls.append((rep, rep.poll_ref, rep.actor.settle.remote()))
+            calls.append((rep, rep.poll_ref, rep.actor.settle.remote(rep.polls_sent)))
             rep.poll_ref = None
             self.settles += 1
         for rep, poll_ref, settle_ref in calls:
@@ -368,7 +373,6 @@ class ReplicaPool:
             except self._ray.exceptions.RayError as e:
                 self._replace(rep, e)
                 continue
-            rep.live = False
             for d in sorted(deliveries, key=lambda d: d.seq):
                 self._take(rep, d)
             rep.next_start = None
@@ -465,7 +469,7 @@ class ReplicaPool:
             ray.kill(rep.actor)
         except Exception:  # already gone
             pass
-        rep.poll_ref, rep.next_start, rep.live = None, None, False
+        rep.poll_ref, rep.next_start, rep.live, rep.polls_sent = None, None, False, 0
         rep.actor = self._spawn(rep.index)
         self.restarts += 1
         try:
