@@ -41,8 +41,9 @@ class LateDeliveryReplica(SteppingReplica):
         self.late_s = late_s
 
     def poll(self, requests, wait_s, max_steps=None, number=0):
-        self._hand_over(requests, max_steps, number)
+        fresh = self._hand_over(requests, max_steps, number)
         if not self._first_poll_done:
             self._first_poll_done = True
             time.sleep(self.late_s)
-        return self._deliver_when_ready(wait_s)
+            fresh = False  # it delivers what finished meanwhile, not its first step
+        return self._deliver_when_ready(wait_s, fresh)

@@ -7,7 +7,8 @@ Only the loop thread touches the engine; the actor's methods are messages to it:
 
 - `poll(requests, wait_s, max_steps)` hands over new requests, makes the replica live, and
   returns a `Delivery` as soon as something has finished (all that finished by then), when
-  the replica runs out of work, or after `wait_s` (a heartbeat carrying its busy time).
+  the replica runs out of work, after `wait_s` (a heartbeat carrying its busy time), or,
+  when it starts from idle or a hold, after its first step (the driver knows it started).
   `max_steps=1` is the old protocol, one engine step per call (the benchmarks' baseline).
 - `settle()` holds the replica: the step in progress completes, no other starts, and the
   delivery returns everything that finished. Nothing finishes after it until the next poll.
@@ -158,8 +159,8 @@ class EngineReplica:
         """Hand over `requests`, go live (at most `max_steps` more steps), and return what
         finished: at the first completion, when out of work or held, or after `wait_s`.
         `number`: the driver's count of polls sent to this replica, this one included."""
-        self._hand_over(requests, max_steps, number)
-        return self._deliver_when_ready(wait_s)
+        fresh = self._hand_over(requests, max_steps, number)
+        return self._deliver_when_ready(wait_s, fresh)
 
     def settle(self, after: int = 0) -> Delivery:
         """Hold: the step in progress completes and no other starts; returns what finished.
@@ -291,7 +292,9 @@ class EngineReplica:
             self._cond.notify_all()
         return fut.result()
 
-    def _hand_over(self, requests: Sequence[Request], max_steps: int | None, number: int) -> None:
+    def _hand_over(self, requests: Sequence[Request], max_steps: int | None, number: int) -> bool:
+        """Returns whether the replica starts afresh (it was idle or held): its first step is
+        then reported at once, so the driver knows the work started."""
         with self._cond:
             self._polls = max(self._polls, number)
             self._cond.notify_all()  # a settle may wait for this poll
@@ -304,13 +307,17 @@ class EngineReplica:
                 if not self._stepping:  # a period after a hold starts at its first step
                     self._period = None
                 self._held = False
+            fresh = self._period is None and not self._stepping
             self._live, self._steps_left = True, max_steps
             self._cond.notify_all()
+            return fresh
 
-    def _deliver_when_ready(self, wait_s: float | None) -> Delivery:
+    def _deliver_when_ready(self, wait_s: float | None, fresh: bool = False) -> Delivery:
         deadline = None if wait_s is None else time.perf_counter() + wait_s
         with self._cond:
             while self._error is None and not self._acc.finished:
+                if fresh and self._acc.steps:
+                    break
                 busy = self._stepping or self._can_step()
                 if not busy:  # out of work, held, or out of steps
                     break

@@ -10,15 +10,16 @@ transformers replica does not have to.
 
 The replicas run by themselves (`sortedrl.cluster.replica_actor`): each steps its engine
 while it has work, and the driver hears from it when something finishes. Each replica with
-work has one `poll` in flight, which carries the requests routed to it since the last one and
-returns what finished (at the first completion, or after `report_s`, a heartbeat with its busy
-time). `step()` waits for at least one poll, collects every one that is ready, sends the next
-ones and returns one merged report; the others stay in flight across calls. `settle()` holds
-every replica (the step in progress completes, no other starts) and collects all it finished,
-so that nothing finishes behind the controller's back when it decides on an update (the run
-loop calls it); the next `step()` lets them go on. `abort`, `pause` and `load_weights` settle
-first too; what finished meanwhile is held and returned by the next `step()`/`settle()`. Time
-is the replicas' own: see `sortedrl.cluster.pool_clock`.
+work has at most one `poll` in flight, which carries the requests routed to it since the last
+one and returns what finished (at the first completion, after its first step when it starts
+from idle or a hold, or after `report_s`, a heartbeat with its busy time). `step()` sends a
+poll to every working replica without one, waits for at least one, collects every one that
+is ready and returns one merged report; the others stay in flight across calls. `settle()`
+holds every replica (the step in progress completes, no other starts) and collects all it
+finished, so that nothing finishes behind the controller's back when it decides on an update
+(the run loop calls it); the next `step()` lets them go on. `abort`, `pause` and
+`load_weights` settle first too; what finished meanwhile is held and returned by the next
+`step()`/`settle()`. Time is the replicas' own: see `sortedrl.cluster.pool_clock`.
 
 `per_step=True` is the protocol before this one, kept as the control-plane benchmark's
 baseline: one engine step per poll, the engine idle while the driver turns it around.
