@@ -1,6 +1,7 @@
 """The replica pool's bookkeeping without Ray: its time (`PoolClock`) never reports more busy
 slot-time than capacity x elapsed, whatever order the replicas' periods arrive in and however
-their clocks are mapped, and sums to the replicas' totals; responses scored in a replica are not scored again by the run."""
+their clocks are mapped, and sums to the replicas' totals; a replica's engine loop returns
+every request once; responses scored in a replica are not scored again by the run."""
 
 from __future__ import annotations
 
