@@ -3,15 +3,9 @@ import json
 import pytest
 
 from sortedrl.errors import ConfigError, InputFileError
+from sortedrl.tasks.answers import extract_answer, last_boxed, score_response
 from sortedrl.tasks.base import Problem
-from sortedrl.tasks.math import (
-    MathTask,
-    extract_answer,
-    last_boxed,
-    load_eval_set,
-    load_math_file,
-    score_response,
-)
+from sortedrl.tasks.math import MathTask, load_eval_set, load_math_file
 
 ROWS = [
     {"problem": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}"},

@@ -41,7 +41,7 @@ from sortedrl.scheduling.protocol import Generation, Request, StepReport
 
 if TYPE_CHECKING:
     from sortedrl.cluster.placement import Placement
-    from sortedrl.config import TrainConfig
+    from sortedrl.cluster.settings import RunSettings
     from sortedrl.tasks.base import Problem
 
 WeightSync = Literal["object_store", "broadcast"]
@@ -447,7 +447,7 @@ def _unstarted(req: Request) -> Generation:
 
 
 def replica_spawner(
-    cfg: TrainConfig,
+    cfg: RunSettings,
     model: Any,
     tokenizer: Any,
     version: int,
@@ -472,7 +472,7 @@ def replica_spawner(
 
 
 def build_replica_pool(
-    cfg: TrainConfig,
+    cfg: RunSettings,
     model: Any,
     tokenizer: Any,
     version: int,

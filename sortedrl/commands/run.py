@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sortedrl.commands.checkpoint import complete_checkpoints, save_checkpoint
-from sortedrl.commands.evaluate import decode, evaluate_run
+from sortedrl.commands.evaluate import evaluate_run
 from sortedrl.commands.logger import RunLogger
 from sortedrl.commands.prepare import Prompts
 from sortedrl.commands.runstate import RunState
@@ -19,9 +19,9 @@ from sortedrl.errors import SortedRLError, TrainerFailedError
 from sortedrl.scheduling.controller import Controller, controller_state
 from sortedrl.scheduling.loop import EngineFailedError, RunResult, run
 from sortedrl.scheduling.metrics import Clock
-from sortedrl.scheduling.protocol import Engine
+from sortedrl.scheduling.protocol import Backend, Engine
 from sortedrl.tasks.base import Score
-from sortedrl.tasks.scoring import Scorer
+from sortedrl.tasks.scoring import Scorer, score_generations
 
 
 class NumericalError(SortedRLError):
@@ -49,7 +49,7 @@ class Run:
         prompts: Prompts,
         scorer: Scorer,
         trainer: Any,
-        backend: Any,
+        backend: Backend,
         controller: Controller,
         state: RunState,
         logger: RunLogger,
@@ -57,7 +57,7 @@ class Run:
     ) -> None:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.prompts, self.scorer, self.trainer = prompts, scorer, trainer
-        self.backend = backend  # builds the engine (sortedrl.cluster.backend)
+        self.backend = backend  # builds the engine (sortedrl.commands.backend)
         self.controller, self.state, self.logger = controller, state, logger
         self.ckpt_root = out / "checkpoints"
         self.t_start = t_start
@@ -82,12 +82,9 @@ class Run:
         are not scored again, and take no reward time here."""
         t0 = time.perf_counter()
         todo = [i for i, g in enumerate(generations) if g.score is None]
-        items = [
-            (self.prompts.by_id[keys[i][0]], decode(self.tokenizer, generations[i].token_ids))
-            for i in todo
-        ]
+        items = [(self.prompts.by_id[keys[i][0]], generations[i].token_ids) for i in todo]
         results = [g.score for g in generations]
-        for i, s in zip(todo, self.scorer.score_batch(items) if items else [], strict=True):
+        for i, s in zip(todo, score_generations(self.scorer, self.tokenizer, items), strict=True):
             results[i] = s
         for key, s in zip(keys, results, strict=True):
             self.scores[tuple(key)] = s

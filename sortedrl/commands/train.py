@@ -46,7 +46,7 @@ def train(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from sortedrl.cluster.backend import make_backend
+    from sortedrl.commands.backend import make_backend
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
     t_start = time.perf_counter()

@@ -51,6 +51,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sortedrl.engines.config import ModelConfig, RolloutConfig
 from sortedrl.engines.response import ResponseTrack
 from sortedrl.scheduling.protocol import Generation, Request, StepReport
 
@@ -451,3 +452,25 @@ def _checkpoint_names(path: str) -> set[str]:
     if not names:
         raise ValueError(f"VLLMEngine: {path} has no safetensors weights")
     return names
+
+
+def build_vllm_engine(
+    rollout: RolloutConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    model: Any,
+    tokenizer: Any,
+    version: int,
+) -> VLLMEngine:
+    """The engine of `rollout.engine=vllm` (its entry in `engines/registry.py`)."""
+    engine = VLLMEngine(
+        model,  # saved to a temporary directory now: later training does not touch that copy
+        tokenizer,
+        capacity=rollout.capacity,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        seed=seed,
+        device=model_cfg.device,
+    )
+    engine.load_weights(None, version)  # the saved weights are policy `version`
+    return engine

@@ -186,3 +186,28 @@ class Trainer(Protocol):
     virtual_time: bool
 
     def update(self, batch: UpdateBatch) -> UpdateResult: ...
+
+
+class Backend(Protocol):
+    """Where a training run's engine and trainer live (`cluster.backend`): this process, or
+    Ray actors. The run asks it for the two once (the engine again after a failure) and closes
+    it at the end; the controller and the loop never see which one it is."""
+
+    #: whether the engine replaces its own failed parts (a replica pool), so the run loop must
+    #: not rebuild it
+    engine_restarts_itself: bool
+
+    def trainer(self, model: Any) -> Trainer:
+        """The trainer that updates `model`'s weights."""
+        ...
+
+    def engine(
+        self, model: Any, tokenizer: Any, version: int, problems_by_id: dict[str, Any]
+    ) -> Engine:
+        """An engine serving `model`'s current weights as policy `version`;
+        `problems_by_id` lets an engine that scores its own responses find their problems."""
+        ...
+
+    def close(self) -> None:
+        """Release the processes and devices (idempotent)."""
+        ...

@@ -41,6 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from sortedrl.errors import ConfigError, InputFileError
+from sortedrl.tasks.answers import (
+    REWARD_CORRECT,
+    REWARD_WRONG,
+    answers_match,
+    extract_answer,
+    last_boxed,
+    warmup,
+)
 from sortedrl.tasks.base import Problem, Score
 from sortedrl.tasks.data import HELD_OUT_SPLITS, read_rows, saved_splits
 
@@ -67,8 +75,6 @@ def _lookup(obj: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any] | No
 
 
 def _answer_text(value: Any, path: str, line: int, key: str) -> str:
-    from sortedrl.tasks.math import last_boxed
-
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise InputFileError(
             path, f"must be a string or a number, got {type(value).__name__}", line, key
@@ -103,8 +109,6 @@ def _prompt(obj: dict[str, Any], key: str | None, path: str, line: int) -> tuple
 
 
 def _answer(obj: dict[str, Any], key: str | None, required: bool, path: str, line: int) -> str:
-    from sortedrl.tasks.math import last_boxed
-
     if key is not None:
         if key not in obj:
             raise InputFileError(path, "missing (task.answer_key)", line, key)
@@ -147,8 +151,6 @@ def to_record(
 
 def score_answer(problem: Problem, response: str, last_line: bool = True) -> Score:
     """The default verifier (module-level, picklable); see the module docstring."""
-    from sortedrl.tasks.math import REWARD_CORRECT, REWARD_WRONG, answers_match, extract_answer
-
     if not isinstance(response, str) or len(response) > MAX_RESPONSE_CHARS:
         return Score(REWARD_WRONG, False, False)
     pred = extract_answer(response)
@@ -253,8 +255,6 @@ class DatasetTask:
         return score_answer(problem, response, self.answer_from_last_line)
 
     def warmup(self) -> None:
-        from sortedrl.tasks.math import warmup
-
         warmup()
 
     def __getstate__(self) -> dict[str, Any]:
