@@ -93,17 +93,16 @@ class EngineReplica:
         return self.engine.load_weights(weights, version)
 
     def rng_state(self) -> Any:
-        return self.engine.rng_state() if hasattr(self.engine, "rng_state") else None
+        return self.engine.rng_state()
 
     def set_rng_state(self, state: Any) -> None:
-        if state is not None and hasattr(self.engine, "set_rng_state"):
+        if state is not None:
             self.engine.set_rng_state(state)
 
     def close(self) -> None:
-        for thing in (self.engine, self.scorer):
-            close = getattr(thing, "close", None)
-            if close is not None:
-                close()
+        self.engine.close()
+        if self.scorer is not None:
+            self.scorer.close()
 
     # --- scoring --------------------------------------------------------------------------------
 

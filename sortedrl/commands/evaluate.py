@@ -99,8 +99,7 @@ def evaluate(
     finally:
         if was_training:
             model.train()
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
     n = max(1, len(rewards))
     acc = sum(correct) / n
     return {

@@ -56,7 +56,7 @@ import torch
 from sortedrl.engines.config import ModelConfig, RolloutConfig
 from sortedrl.engines.response import ResponseTrack
 from sortedrl.engines.slot_kv import SlotKV
-from sortedrl.scheduling.protocol import Generation, Request, StepReport
+from sortedrl.scheduling.protocol import EngineBase, Generation, Request, StepReport
 
 __all__ = ["TransformersEngine"]
 
@@ -80,7 +80,7 @@ class _Seq(ResponseTrack):
 # --- the engine -------------------------------------------------------------------------------
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     """A continuous-batching `Engine` over a transformers causal LM (see the module docstring).
 
     Args:

@@ -53,7 +53,7 @@ from typing import Any
 
 from sortedrl.engines.config import ModelConfig, RolloutConfig
 from sortedrl.engines.response import ResponseTrack
-from sortedrl.scheduling.protocol import Generation, Request, StepReport
+from sortedrl.scheduling.protocol import EngineBase, Generation, Request, StepReport
 
 __all__ = ["VLLMEngine", "vllm_available"]
 
@@ -96,7 +96,7 @@ def request_seed(seed: int, n: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """An `Engine` over vLLM V1 (see the module docstring).
 
     Args:

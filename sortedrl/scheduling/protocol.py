@@ -18,8 +18,9 @@ behind the controller's back; the run loop calls it before the controller decide
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -129,6 +130,32 @@ class Engine(Protocol):
         version). Colocated policies pause first, so nothing is running then.
         """
         ...
+
+
+class EngineBase:
+    """The engine's optional methods with their no-op defaults. Every engine derives from it
+    and overrides what it has, so the loop and the run call these methods as they are and
+    never probe an engine for them."""
+
+    #: whether steps stay in flight between calls (the Ray replica pool): the loop then calls
+    #: `settle` before every update decision
+    steps_in_flight: bool = False
+    #: the engine's own counters, copied into summary.json's `engine_stats`
+    stats: Mapping[str, Any] = MappingProxyType({})
+
+    def settle(self) -> StepReport:
+        """Finish and report the steps still in flight (none here)."""
+        return StepReport()
+
+    def rng_state(self) -> Any:
+        """The sampler's state for a checkpoint; None: the engine has none to save."""
+        return None
+
+    def set_rng_state(self, state: Any) -> None:
+        """Restore what `rng_state` returned."""
+
+    def close(self) -> None:
+        """Free the engine's memory, threads and processes (idempotent)."""
 
 
 # --- the trainer side -------------------------------------------------------------------------

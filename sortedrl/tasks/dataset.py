@@ -14,7 +14,7 @@ receive them as keyword lists, as `GRPOTrainer` passes them.
 The prompt given to the model is `prompt_template` with ``{problem}`` replaced by the prompt;
 ``""`` gives the prompt as it is. The `dataset` task's default is the raw prompt.
 
-Held-out problems come from `test_path`; without it, from the held-out split of a saved
+Held-out problems come from `eval_path`; without it, from the held-out split of a saved
 DatasetDict when it has one, or else the records are split by a hash of the prompt text
 (`test_percent` of them held out), so the splits are disjoint and stable.
 
@@ -172,7 +172,7 @@ class DatasetTask:
     """Prompts and answers from your files; see the module docstring."""
 
     path: str
-    test_path: str | None = None
+    eval_path: str | None = None
     prompt_key: str | None = None
     answer_key: str | None = None
     prompt_template: str = RAW_PROMPT
@@ -204,7 +204,7 @@ class DatasetTask:
         ]
 
     def _held_out_is_separate(self) -> bool:
-        if self.test_path is not None:
+        if self.eval_path is not None:
             return True
         splits = saved_splits(Path(self.path)) if Path(self.path).is_dir() else None
         return bool(splits) and any(s in splits for s in HELD_OUT_SPLITS)
@@ -214,7 +214,7 @@ class DatasetTask:
             raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
         if split not in self._records:
             if self._held_out_is_separate():
-                where = self.path if split == "train" else (self.test_path or self.path)
+                where = self.path if split == "train" else (self.eval_path or self.path)
                 recs = self._read(where, split)
             else:
                 recs = [

@@ -73,7 +73,7 @@ def load_eval_set(name: str, path: str | Path) -> list[Problem]:
 
 @dataclass(frozen=True)
 class MathTask(DatasetTask):
-    """Math problems from `path` (train) and `test_path` (test): the dataset task with the
+    """Math problems from `path` (train) and `eval_path` (test): the dataset task with the
     step-by-step ``\\boxed{}`` instruction as its prompt template (see
     :class:`~sortedrl.tasks.dataset.DatasetTask` for splits, epochs and keys)."""
 

@@ -68,7 +68,7 @@ def build_task(task_cfg: Any) -> Any:
         return get_task(t.name)
     kwargs: dict[str, Any] = {
         "path": t.path,
-        "test_path": t.eval_path,
+        "eval_path": t.eval_path,
         "prompt_key": t.prompt_key,
         "answer_key": t.answer_key,
         # Your own reward functions may need no reference answer; the task's verifier does.
