@@ -39,13 +39,13 @@ from sortedrl.cluster.config import ClusterConfig  # noqa: E402
 from sortedrl.cluster.replica_actor import EngineReplica  # noqa: E402
 from sortedrl.cluster.replicas import ReplicaPool  # noqa: E402
 from sortedrl.cluster.runtime import start_ray, stop_ray  # noqa: E402
-from sortedrl.scheduling.protocol import Generation, Request, StepReport  # noqa: E402
+from sortedrl.scheduling.protocol import EngineBase, Generation, Request, StepReport  # noqa: E402
 from sortedrl.workload import default_lengths_spec, parse_lengths_spec  # noqa: E402
 
 GROUP = 8
 
 
-class FixedStepEngine:
+class FixedStepEngine(EngineBase):
     """One token per running sequence per step, `capacity` slots, lengths from `spec`."""
 
     def __init__(self, capacity: int, spec: str, cap: int, seed: int) -> None:
