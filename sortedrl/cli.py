@@ -390,6 +390,9 @@ def eval_command(**kw: Any) -> None:
         f"{kw['temperature']}), mean reward {scores['reward_mean']:.3f} over "
         f"{len(problems)} problems"
     )
+    for name, kinds in scores.get("reward_failures", {}).items():
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+        out.print(f"reward function {name!r} failed on {sum(kinds.values())} calls ({counts})")
     if kw["json_path"]:
         write_json_atomic(kw["json_path"], scores)
 

@@ -94,7 +94,16 @@ class TaskSection(BaseModel):
     reward_weights: list[float] | None = Field(
         None, description="one weight per reward_fns entry; empty: 1 each"
     )
-    reward_timeout_s: float = Field(5.0, gt=0, description="hard limit per reward call")
+    reward_timeout_s: float = Field(
+        5.0, gt=0, description="hard limit per call of a reward function (or the verifier)"
+    )
+    reward_fail_updates: int = Field(
+        3,
+        ge=0,
+        description="stop the run (with a checkpoint and the function's message) when one of "
+        "your reward_fns failed on every call for this many updates in a row; 0: never stop, "
+        "only count (reward_failures/<fn>/<kind> in metrics.jsonl)",
+    )
     reward_workers: int | None = Field(
         None,
         ge=0,

@@ -130,7 +130,7 @@ class EngineReplica:
                     f"replica: no problem for prompt id {pids[g.request_id]!r} to score "
                     f"request {g.request_id!r} against"
                 )
-            items.append((problem, decode(self.tokenizer, g.token_ids)))
+            items.append((problem, decode(self.tokenizer, g.token_ids), g.token_ids))
         for g, score in zip(todo, self.scorer.score_batch(items) if items else [], strict=True):
             g.score = score
         return time.perf_counter() - t0

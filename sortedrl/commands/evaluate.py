@@ -11,6 +11,7 @@ from typing import Any
 
 from sortedrl.scheduling.protocol import Request
 from sortedrl.tasks.base import Problem
+from sortedrl.tasks.reward_report import FailureConsole, RewardReport
 from sortedrl.tasks.scoring import Scorer
 from sortedrl.training.sft import encode_example
 
@@ -48,12 +49,15 @@ def evaluate(
     device: str = "cpu",
     engine_name: str = "transformers",
     chat_template: bool = True,
-) -> dict[str, float]:
+    console: FailureConsole | None = None,
+) -> dict[str, Any]:
     """Generate `samples` responses per problem and score them with `scorer`.
 
     Returns pass@1 (= accuracy: the mean share of correct responses, mean@k over samples),
-    reward_mean, format_ok and response_len_mean (tokens). The model is left in the training
-    mode it was in. `engine_name`: "transformers", or "vllm" (a vLLM engine started for this
+    reward_mean, format_ok and response_len_mean (tokens); with your own reward functions, each
+    one's ``rewards/<fn>/mean`` and its failures, ``reward_failures: {fn: {kind: count}}``
+    (the first messages go to `console`, a fresh one by default). The model is left in the
+    training mode it was in. `engine_name`: "transformers", or "vllm" (a vLLM engine started for this
     evaluation and shut down after it).
     """
     was_training = bool(getattr(model, "training", False))
@@ -90,12 +94,19 @@ def evaluate(
     correct: list[float] = []
     fmt: list[float] = []
     lengths: list[int] = []
+    report = RewardReport()
+    console = console if console is not None else FailureConsole()
     try:
         engine.submit(requests)
         while engine.num_unfinished():
             finished = engine.step().finished
-            items = [(by_id[g.request_id][0], decode(tokenizer, g.token_ids)) for g in finished]
+            items = [
+                (by_id[g.request_id][0], decode(tokenizer, g.token_ids), g.token_ids)
+                for g in finished
+            ]
             for g, s in zip(finished, scorer.score_batch(items) if items else [], strict=True):
+                report.add(s)
+                console.show(s, f"evaluation, {g.request_id}")
                 rewards.append(float(s.reward))
                 correct.append(1.0 if s.correct else 0.0)
                 fmt.append(1.0 if s.format_ok else 0.0)
@@ -115,11 +126,18 @@ def evaluate(
         "response_len_mean": sum(lengths) / n,
         "problems": len(problems),
         "samples": samples,
+        **{k: v for k, v in report.metrics().items() if k.startswith("rewards/")},
+        **({"reward_failures": report.failure_counts()} if report.names else {}),
     }
 
 
 def evaluate_run(
-    cfg: Any, model: Any, tokenizer: Any, scorer: Scorer, problems: Sequence[Problem]
+    cfg: Any,
+    model: Any,
+    tokenizer: Any,
+    scorer: Scorer,
+    problems: Sequence[Problem],
+    console: FailureConsole | None = None,
 ) -> dict[str, Any]:
     """A training run's evaluation: `eval.samples` at `eval.temperature` (greedy by default),
     plus `eval.sampled` samples at the rollout's temperature and top_p (`sampled_accuracy`)."""
@@ -138,6 +156,7 @@ def evaluate_run(
             seed=cfg.seed,
             device=cfg.model.device,
             chat_template=cfg.task.chat_template,
+            console=console,
         )
 
     result: dict[str, Any] = score(cfg.eval.samples, cfg.eval.temperature, 1.0)

@@ -26,15 +26,16 @@ from sortedrl.commands.checkpoint import MANIFEST, latest_checkpoint, load_check
 from sortedrl.commands.evaluate import evaluate_run
 from sortedrl.commands.logger import RunLogger
 from sortedrl.commands.prepare import prepare_model, prepare_prompts, problems_of, train_records
-from sortedrl.commands.run import NumericalError, Run, RunInterrupted
+from sortedrl.commands.run import NumericalError, RewardFunctionError, Run, RunInterrupted
 from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
 from sortedrl.errors import ConfigError
 from sortedrl.io import write_json_atomic
 from sortedrl.tasks.registry import build_task
+from sortedrl.tasks.reward_report import FailureConsole
 from sortedrl.tasks.scoring import make_scorer
 
-__all__ = ["NumericalError", "RunInterrupted", "expected_updates", "train"]
+__all__ = ["NumericalError", "RewardFunctionError", "RunInterrupted", "expected_updates", "train"]
 
 #: What a run writes into its output folder; a new run refuses a folder holding any of them.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "trace.jsonl", "summary.json", "tb", "model")
@@ -70,6 +71,7 @@ def train(
         load_weights(model, resumed)
     t_model = time.perf_counter() - t_start
     scorer = make_scorer(cfg.task, task)
+    console = FailureConsole()  # your reward functions' first failures, train and eval alike
     backend = None
     try:
         prompts = prepare_prompts(
@@ -80,7 +82,7 @@ def train(
             records=records,
         )
         if state.eval_before is None:
-            state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems)
+            state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems, console)
             state.evals.append({"step": 0, **state.eval_before})
 
         backend = make_backend(cfg)  # ray: connects and reserves the devices
@@ -110,6 +112,7 @@ def train(
                 state=state,
                 logger=logger,
                 t_start=t_start,
+                console=console,
             )
             if resumed:
                 run.restore_rng(resumed["trainer"]["rng"])
