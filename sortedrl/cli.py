@@ -337,6 +337,14 @@ def train(
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="nucleus sampling")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option(
+    "--long-prompts",
+    type=click.Choice(["error", "drop"]),
+    default="error",
+    show_default=True,
+    help="a prompt too long for the model's context with --max-new-tokens: an error naming "
+    "its file and line, or left out (as task.long_prompts)",
+)
 @click.option("--capacity", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
@@ -353,7 +361,8 @@ def train(
 def eval_command(**kw: Any) -> None:
     """Score a model directory on a task's held-out problems (pass@1 and mean@k), with the
     training run's reward sandbox (worker processes and time limit for math)."""
-    from sortedrl.commands.evaluate import evaluate
+    from sortedrl.commands.context import check_room, context_positions, fit_prompts
+    from sortedrl.commands.evaluate import evaluate, prompt_token_ids
     from sortedrl.commands.prepare import prepare_model
     from sortedrl.config import load_config
     from sortedrl.io import write_json_atomic
@@ -366,6 +375,20 @@ def eval_command(**kw: Any) -> None:
     problems = task.problems("test", kw["prompts"], seed=kw["seed"])
     if not problems:
         raise SortedRLError(f"task {kw['task_name']}: no held-out problems")
+    positions = context_positions(model)
+    check_room(positions, kw["max_new_tokens"], "--max-new-tokens ")
+    problems, dropped = fit_prompts(
+        problems,
+        lambda p: len(prompt_token_ids(tokenizer, p.prompt, cfg.task.chat_template)),
+        positions,
+        kw["max_new_tokens"],
+        drop=kw["long_prompts"] == "drop",
+        setting="--max-new-tokens ",
+    )
+    if dropped:
+        out.print(f"--long-prompts drop: left out {dropped} prompts too long for the model")
+    if not problems:
+        raise SortedRLError("--long-prompts drop: no prompt fits the model's context")
     scorer = make_scorer(cfg.task, task)
     try:
         scores = evaluate(

@@ -84,6 +84,12 @@ class TaskSection(BaseModel):
         "summary.json)",
     )
     eval_prompts: int = Field(200, ge=1, description="held-out prompts per evaluation")
+    long_prompts: Literal["error", "drop"] = Field(
+        "error",
+        description="a prompt whose tokens plus scheduler.max_new_tokens exceed the model's "
+        "max_position_embeddings: 'error' names its file and line before any work; 'drop' "
+        "leaves it out and counts it (prompts_dropped in summary.json)",
+    )
     reward_fns: list[str] = Field(
         default_factory=list,
         description="your own rewards, each 'package.module:function', either "

@@ -17,6 +17,16 @@ from sortedrl.scheduling.state import PromptSpec
 from sortedrl.tasks.base import Problem
 
 _CACHE_FORMAT = 1  # bump when the warm start changes meaning
+#: The files a Hugging Face tokenizer is saved in (any one may be enough).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
 def cache_root() -> Path:
@@ -98,8 +108,21 @@ def _load_hf_model(p: Path) -> tuple[Any, Any]:
         raise ConfigError(f"model.path: {p} is not a directory")
     if not (p / "config.json").is_file():
         raise ConfigError(f"model.path: {p} is not a model directory (no config.json)")
+    no_tokenizer = ConfigError(
+        f"model.path: {p} has no tokenizer (none of {', '.join(TOKENIZER_FILES)} gives one); "
+        f"save yours beside the model with tokenizer.save_pretrained('{p}')"
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if not any((p / name).is_file() for name in TOKENIZER_FILES):
+            raise no_tokenizer from None
+        raise ConfigError(f"model.path: cannot load the tokenizer of {p}: {e}") from None
+    # Without its files transformers may still build a tokenizer of the model's class, with an
+    # empty vocabulary: it encodes every prompt to nothing.
+    if len(tokenizer) < 2 or not tokenizer("1 + 1 = 2", add_special_tokens=False)["input_ids"]:
+        raise no_tokenizer
+    try:
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load {p}: {e}") from None
@@ -133,6 +156,8 @@ class Prompts:
     specs: list[PromptSpec]
     #: distinct training records of a task read from files (None for generated tasks)
     train_records: int | None = None
+    #: prompts left out as too long for the model (`task.long_prompts=drop`): train, eval
+    dropped: dict[str, int] | None = None
 
     def epochs(self, prompts_trained: int) -> float | None:
         """Passes over the training records after `prompts_trained` prompts (None: generated)."""
@@ -168,6 +193,7 @@ def prepare_prompts(
     *,
     chat_template: bool = True,
     records: int | None = None,
+    dropped: dict[str, int] | None = None,
 ) -> Prompts:
     """Tokenize the RL prompts (through the chat template when there is one and
     `chat_template` is true); `records` is the task's `train_records`."""
@@ -182,4 +208,4 @@ def prepare_prompts(
         ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
         epoch = int(p.meta.get("epoch", 0))
         specs.append(PromptSpec(p.prompt_id, len(ids), ids, epoch, record_id(p)))
-    return Prompts(train, held_out, by_id, specs, records)
+    return Prompts(train, held_out, by_id, specs, records, dropped or {"train": 0, "eval": 0})

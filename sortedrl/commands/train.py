@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sortedrl.commands.checkpoint import MANIFEST, latest_checkpoint, load_checkpoint
-from sortedrl.commands.evaluate import evaluate_run
+from sortedrl.commands.context import check_room, context_positions, fit_prompts
+from sortedrl.commands.evaluate import evaluate_run, prompt_token_ids
 from sortedrl.commands.logger import RunLogger
 from sortedrl.commands.prepare import prepare_model, prepare_prompts, problems_of, train_records
 from sortedrl.commands.run import NumericalError, RewardFunctionError, Run, RunInterrupted
@@ -38,7 +39,15 @@ from sortedrl.tasks.scoring import make_scorer
 __all__ = ["NumericalError", "RewardFunctionError", "RunInterrupted", "expected_updates", "train"]
 
 #: What a run writes into its output folder; a new run refuses a folder holding any of them.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "trace.jsonl", "summary.json", "tb", "model")
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "trace.jsonl",
+    "summary.json",
+    "tb",
+    "model",
+    "report.png",
+)
 
 
 def train(
@@ -60,7 +69,9 @@ def train(
             f"task.train_prompts={cfg.task.train_prompts} over {records} training records: "
             f"{cfg.task.train_prompts / records:.2f} epochs, reshuffled each time"
         )
-    claim_out_dir(out, resume=bool(cfg.resume), overwrite=overwrite)
+    # A previous run in `out` is refused now; with --overwrite it is removed only once
+    # everything below has been checked.
+    previous = previous_run(out, resume=bool(cfg.resume), overwrite=overwrite)
     resumed = find_resume(cfg, out / "checkpoints")
     # Settings first: a checkpoint of another model is refused before its weights are read.
     state = resumed_state(cfg, resumed) if resumed else RunState(settings=run_settings(cfg))
@@ -74,12 +85,17 @@ def train(
     console = FailureConsole()  # your reward functions' first failures, train and eval alike
     backend = None
     try:
+        train_problems, eval_problems, dropped = fit_to_context(
+            cfg, model, tokenizer, train_problems, eval_problems
+        )
+        remove_run(out, previous)
         prompts = prepare_prompts(
             train_problems,
             eval_problems,
             tokenizer,
             chat_template=cfg.task.chat_template,
             records=records,
+            dropped=dropped,
         )
         if state.eval_before is None:
             state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems, console)
@@ -145,9 +161,14 @@ def pause_for_update(cfg: TrainConfig) -> bool:
 
 
 def claim_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Make `out` this run's folder. A folder holding another run is refused, unless the run
-    goes on from it (`--resume`) or replaces it (`--overwrite`: its outputs are removed first),
-    so two runs never mix their logs or checkpoints."""
+    """Make `out` this run's folder at once (see `previous_run` and `remove_run`)."""
+    remove_run(out, previous_run(out, resume=resume, overwrite=overwrite))
+
+
+def previous_run(out: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """The outputs of a previous run in `out` that `--overwrite` is to remove. A folder holding
+    another run is refused, unless the run goes on from it (`--resume`) or replaces it
+    (`--overwrite`), so two runs never mix their logs or checkpoints."""
     if resume and overwrite:
         raise ConfigError("--overwrite and --resume exclude each other: choose one")
     if out.exists() and not out.is_dir():
@@ -159,13 +180,52 @@ def claim_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
                 f"--out {out}: holds a previous run ({', '.join(found)}); go on from it with "
                 "--resume auto, replace it with --overwrite, or choose another --out"
             )
-        for name in found:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        return found
+    return []
+
+
+def remove_run(out: Path, found: list[str]) -> None:
+    """Remove the previous run's outputs `found` (`previous_run`) and make sure `out` exists."""
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def fit_to_context(
+    cfg: TrainConfig, model: Any, tokenizer: Any, train: list[Any], held_out: list[Any]
+) -> tuple[list[Any], list[Any], dict[str, int]]:
+    """The problems whose prompt and responses fit the model's positions (see
+    `sortedrl.commands.context`); `task.long_prompts` says whether the others are an error or
+    dropped, and how many were dropped is returned (and printed)."""
+    # Your model's positions; the embedded tiny model's are rotary, never learned, and its
+    # config's 512 is nominal (the knights_knaves prompts run past it by design).
+    positions = context_positions(model) if cfg.model.path else None
+    max_new = cfg.scheduler_config().max_new_tokens
+    check_room(positions, max_new, "scheduler.max_new_tokens=")
+
+    def length(p: Any) -> int:
+        return len(prompt_token_ids(tokenizer, p.prompt, cfg.task.chat_template))
+
+    drop = cfg.task.long_prompts == "drop"
+    kw = dict(drop=drop, setting="scheduler.max_new_tokens=")
+    kept_train, n_train = fit_prompts(train, length, positions, max_new, **kw)
+    kept_eval, n_eval = fit_prompts(held_out, length, positions, max_new, **kw)
+    if n_train or n_eval:
+        print(
+            f"task.long_prompts=drop: dropped {n_train} of {len(train)} training prompts and "
+            f"{n_eval} of {len(held_out)} held-out prompts longer than the model's {positions} "
+            f"positions less scheduler.max_new_tokens={max_new}"
+        )
+    if not kept_train:
+        raise ConfigError(
+            f"task.long_prompts=drop: no training prompt fits the model's {positions} positions "
+            f"with scheduler.max_new_tokens={max_new}"
+        )
+    return kept_train, kept_eval, {"train": n_train, "eval": n_eval}
 
 
 def find_resume(cfg: TrainConfig, ckpt_root: Path) -> dict[str, Any] | None:
