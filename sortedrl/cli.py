@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import click
@@ -301,7 +302,14 @@ def train(
 
 
 @main.command(name="eval")
-@click.option("--model", "model_path", required=True, type=click.Path(), help="model directory")
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(),
+    help="a model directory, a run directory (its model/, or its newest checkpoint) or a "
+    "checkpoint directory",
+)
 @click.option("--task", "task_name", default="reverse", show_default=True)
 @click.option(
     "--path",
@@ -363,15 +371,27 @@ def eval_command(**kw: Any) -> None:
     training run's reward sandbox (worker processes and time limit for math)."""
     from sortedrl.commands.context import check_room, context_positions, fit_prompts
     from sortedrl.commands.evaluate import evaluate, prompt_token_ids
-    from sortedrl.commands.prepare import prepare_model
+    from sortedrl.commands.prepare import checkpoint_model, model_to_evaluate, prepare_model
     from sortedrl.config import load_config
     from sortedrl.io import write_json_atomic
     from sortedrl.tasks.registry import build_task
     from sortedrl.tasks.scoring import make_scorer
 
+    file_flags = [flag for k, flag in FILE_TASK_FLAGS.items() if kw[k] is not None]
+    if file_flags and kw["task_name"] not in ("math", "dataset"):
+        raise SortedRLError(
+            f"{', '.join(file_flags)}: only --task dataset and --task math read files, not "
+            f"--task {kw['task_name']}; add --task dataset"
+        )
+    model_dir, ckpt = model_to_evaluate(Path(kw["model_path"]))
+    kw["model_path"] = str(model_dir) if model_dir is not None else None
     cfg = load_config(None, _eval_overrides(kw))
     task = build_task(cfg.task)
-    model, tokenizer = prepare_model(cfg, task)
+    if ckpt is not None:
+        model, tokenizer, step = checkpoint_model(ckpt)
+        out.print(f"evaluating the checkpoint {ckpt} (update {step})")
+    else:
+        model, tokenizer = prepare_model(cfg, task)
     problems = task.problems("test", kw["prompts"], seed=kw["seed"])
     if not problems:
         raise SortedRLError(f"task {kw['task_name']}: no held-out problems")
@@ -420,12 +440,21 @@ def eval_command(**kw: Any) -> None:
         write_json_atomic(kw["json_path"], scores)
 
 
+#: `sortedrl eval`'s options that only the tasks reading files (math, dataset) take.
+FILE_TASK_FLAGS = {
+    "data_path": "--path",
+    "prompt_key": "--prompt-key",
+    "answer_key": "--answer-key",
+    "prompt_template": "--prompt-template",
+}
+
+
 def _eval_overrides(kw: dict[str, Any]) -> list[str]:
     """The `task` and `model` settings of `sortedrl eval`'s options, as train overrides."""
     import json
 
     overrides = [
-        f"model.path={kw['model_path']}",
+        *([f"model.path={kw['model_path']}"] if kw["model_path"] else []),
         f"task.name={kw['task_name']}",
         f"model.device={kw['device']}",
         f"task.chat_template={str(kw['chat_template']).lower()}",

@@ -209,3 +209,49 @@ def prepare_prompts(
         epoch = int(p.meta.get("epoch", 0))
         specs.append(PromptSpec(p.prompt_id, len(ids), ids, epoch, record_id(p)))
     return Prompts(train, held_out, by_id, specs, records, dropped or {"train": 0, "eval": 0})
+
+
+def model_to_evaluate(path: Path) -> tuple[Path | None, Path | None]:
+    """What `sortedrl eval --model PATH` names: (a model directory, None) or (None, a
+    checkpoint). PATH may be a model directory, a run directory (its `model/`, or, before
+    the run finished, its newest complete checkpoint) or a checkpoint directory."""
+    from sortedrl.commands.checkpoint import MANIFEST, complete_checkpoints
+
+    if (path / "config.json").is_file():
+        return path, None
+    if (path / MANIFEST).is_file():
+        return None, path
+    if (path / "model" / "config.json").is_file():
+        return path / "model", None
+    found = complete_checkpoints(path / "checkpoints")
+    if found:
+        return None, found[-1]
+    raise ConfigError(
+        f"--model {path}: not a model directory, a run directory or a checkpoint (no "
+        "config.json, model/config.json, checkpoints/step-*/ or MANIFEST.json)"
+    )
+
+
+def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None]:
+    """(model, tokenizer, step) of a training checkpoint: the run's model as its settings
+    built it (your model directory, or the embedded tiny model), with the checkpoint's
+    weights."""
+    from safetensors.torch import load_model
+
+    from sortedrl.commands.checkpoint import load_checkpoint
+    from sortedrl.tasks.registry import build_task
+
+    loaded = load_checkpoint(ckpt)
+    settings = loaded["run"].get("settings") if isinstance(loaded["run"], dict) else None
+    try:
+        cfg = TrainConfig.model_validate(settings)
+    except Exception as e:
+        raise ConfigError(f"{ckpt}/run.json: the run's settings do not load ({e})") from None
+    # The weights come from the checkpoint: the embedded model needs no warm start here.
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"warm_start_steps": 0})})
+    model, tokenizer = prepare_model(cfg, None if cfg.model.path else build_task(cfg.task))
+    try:
+        load_model(model, str(loaded["weights"]))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ConfigError(f"{ckpt}: its weights do not fit the run's model ({e})") from None
+    return model.eval(), tokenizer, loaded["step"]

@@ -75,6 +75,8 @@ def train(
     resumed = find_resume(cfg, out / "checkpoints")
     # Settings first: a checkpoint of another model is refused before its weights are read.
     state = resumed_state(cfg, resumed) if resumed else RunState(settings=run_settings(cfg))
+    if resumed:
+        print(f"resuming from {resumed['path']} at update {len(state.history)}")
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = prepare_model(cfg, task)

@@ -514,10 +514,18 @@ def load_reward_fn(spec: str) -> Callable[[Problem, str], float | Score]:
     mod_name, attr_path = (s.strip() for s in spec.split(":"))
     if not mod_name or not attr_path:
         raise ConfigError(f"{where}: expected 'package.module:function'")
+    # As `python -m` has it: a module in the current directory imports, here and in the
+    # sandbox's workers (spawned processes start with this process's sys.path).
+    cwd = os.getcwd()
+    if not any(p in ("", cwd) for p in sys.path):
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
-        raise ConfigError(f"{where}: module {e.name!r} not found") from None
+        raise ConfigError(
+            f"{where}: module {e.name!r} not found (in the current directory {cwd} or on "
+            "sys.path); put the folder that holds it on PYTHONPATH"
+        ) from None
     except Exception as e:
         raise ConfigError(
             f"{where}: importing {mod_name!r} failed: {type(e).__name__}: {e}"
