@@ -370,7 +370,7 @@ def eval_command(**kw: Any) -> None:
     """Score a model directory on a task's held-out problems (pass@1 and mean@k), with the
     training run's reward sandbox (worker processes and time limit for math)."""
     from sortedrl.commands.context import check_room, context_positions, fit_prompts
-    from sortedrl.commands.evaluate import evaluate, prompt_token_ids
+    from sortedrl.commands.evaluate import evaluate, problem_token_ids
     from sortedrl.commands.prepare import checkpoint_model, model_to_evaluate, prepare_model
     from sortedrl.config import load_config
     from sortedrl.io import write_json_atomic
@@ -399,7 +399,7 @@ def eval_command(**kw: Any) -> None:
     check_room(positions, kw["max_new_tokens"], "--max-new-tokens ")
     problems, dropped = fit_prompts(
         problems,
-        lambda p: len(prompt_token_ids(tokenizer, p.prompt, cfg.task.chat_template)),
+        lambda p: len(problem_token_ids(tokenizer, p, cfg.task.chat_template)),
         positions,
         kw["max_new_tokens"],
         drop=kw["long_prompts"] == "drop",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sortedrl.errors import ConfigError
 from sortedrl.scheduling.protocol import Request
 from sortedrl.tasks.base import Problem
 from sortedrl.tasks.reward_report import FailureConsole, RewardReport
@@ -28,6 +29,29 @@ def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool = True) ->
         return [int(i) for i in ids]
     ids, _ = encode_example(tokenizer, prompt, "")
     return ids
+
+
+def problem_token_ids(tokenizer: Any, problem: Problem, chat_template: bool = True) -> list[int]:
+    """A problem's prompt token ids: its text (`prompt_token_ids`), or, for a conversational
+    prompt (``meta["messages"]``), its messages through the tokenizer's chat template."""
+    messages = problem.meta.get("messages") if isinstance(problem.meta, dict) else None
+    if messages is None:
+        return prompt_token_ids(tokenizer, problem.prompt, chat_template)
+    where = problem.meta.get("source") or problem.prompt_id
+    if not chat_template:
+        raise ConfigError(
+            f"{where}: the prompt is a list of messages, which only a chat template renders; "
+            "task.chat_template=false leaves none"
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"{where}: the prompt is a list of messages, and the model's tokenizer has no chat "
+            "template to render them (tokenizer_config.json: chat_template)"
+        )
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
 
 
 def decode(tokenizer: Any, token_ids: Sequence[int] | None) -> str:
@@ -75,7 +99,7 @@ def evaluate(
     by_id: dict[str, tuple[Problem, int]] = {}
     requests = []
     for i, p in enumerate(problems):
-        ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
+        ids = problem_token_ids(tokenizer, p, chat_template)
         for k in range(samples):
             rid = f"eval/{i}/{k}"
             by_id[rid] = (p, k)

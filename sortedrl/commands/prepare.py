@@ -197,7 +197,7 @@ def prepare_prompts(
 ) -> Prompts:
     """Tokenize the RL prompts (through the chat template when there is one and
     `chat_template` is true); `records` is the task's `train_records`."""
-    from sortedrl.commands.evaluate import prompt_token_ids
+    from sortedrl.commands.evaluate import problem_token_ids
 
     by_id: dict[str, Problem] = {}
     specs = []
@@ -205,7 +205,7 @@ def prepare_prompts(
         if p.prompt_id in by_id:
             raise ConfigError(f"task: duplicate prompt id {p.prompt_id!r}")
         by_id[p.prompt_id] = p
-        ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
+        ids = problem_token_ids(tokenizer, p, chat_template)
         epoch = int(p.meta.get("epoch", 0))
         specs.append(PromptSpec(p.prompt_id, len(ids), ids, epoch, record_id(p)))
     return Prompts(train, held_out, by_id, specs, records, dropped or {"train": 0, "eval": 0})

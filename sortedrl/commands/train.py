@@ -24,7 +24,7 @@ from typing import Any
 
 from sortedrl.commands.checkpoint import MANIFEST, latest_checkpoint, load_checkpoint
 from sortedrl.commands.context import check_room, context_positions, fit_prompts
-from sortedrl.commands.evaluate import evaluate_run, prompt_token_ids
+from sortedrl.commands.evaluate import evaluate_run, problem_token_ids
 from sortedrl.commands.logger import RunLogger
 from sortedrl.commands.prepare import prepare_model, prepare_prompts, problems_of, train_records
 from sortedrl.commands.run import NumericalError, RewardFunctionError, Run, RunInterrupted
@@ -210,7 +210,7 @@ def fit_to_context(
     check_room(positions, max_new, "scheduler.max_new_tokens=")
 
     def length(p: Any) -> int:
-        return len(prompt_token_ids(tokenizer, p.prompt, cfg.task.chat_template))
+        return len(problem_token_ids(tokenizer, p, cfg.task.chat_template))
 
     drop = cfg.task.long_prompts == "drop"
     kw = dict(drop=drop, setting="scheduler.max_new_tokens=")

@@ -111,7 +111,13 @@ class TRLReward:
         kwargs = {k: [v] for k, v in columns.items() if k not in reserved}
         if token_ids is not None:
             kwargs["completion_ids"] = [list(token_ids)]
-        out = self.fn(prompts=[problem.prompt], completions=[response], **kwargs)
+        messages = problem.meta.get("messages") if isinstance(problem.meta, dict) else None
+        if messages is not None:  # conversational, as TRL passes it
+            prompt: Any = [dict(m) for m in messages]
+            completion: Any = [{"role": "assistant", "content": response}]
+        else:
+            prompt, completion = problem.prompt, response
+        out = self.fn(prompts=[prompt], completions=[completion], **kwargs)
         if hasattr(out, "tolist") and getattr(out, "ndim", None) == 1:
             out = out.tolist()  # a numpy array, as TRL accepts it
         if isinstance(out, (str, bytes)) or not isinstance(out, Sequence):
