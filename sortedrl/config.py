@@ -89,7 +89,7 @@ class TaskSection(BaseModel):
         "error",
         description="a prompt whose tokens plus scheduler.max_new_tokens exceed the model's "
         "max_position_embeddings: 'error' names its file and line before any work; 'drop' "
-        "leaves it out and counts it (prompts_dropped in summary.json)",
+        "leaves it out and counts it (prompts_too_long in summary.json)",
     )
     reward_fns: list[str] = Field(
         default_factory=list,

@@ -114,7 +114,7 @@ def test_a_prompt_too_long_names_its_file_and_line_or_is_dropped_and_counted(tmp
         _args(model, data, f"task.eval_path={data}", "task.long_prompts=drop"),
     )
     summary = train(cfg, tmp_path / "run2", progress=False)
-    assert summary["prompts_dropped"]["train"] >= 1 and summary["prompts_dropped"]["eval"] >= 0
+    assert summary["prompts_too_long"]["train"] >= 1 and summary["prompts_too_long"]["eval"] >= 0
     assert "task.long_prompts=drop: dropped" in capsys.readouterr().out
 
 

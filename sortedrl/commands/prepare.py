@@ -157,7 +157,7 @@ class Prompts:
     #: distinct training records of a task read from files (None for generated tasks)
     train_records: int | None = None
     #: prompts left out as too long for the model (`task.long_prompts=drop`): train, eval
-    dropped: dict[str, int] | None = None
+    too_long: dict[str, int] | None = None
 
     def epochs(self, prompts_trained: int) -> float | None:
         """Passes over the training records after `prompts_trained` prompts (None: generated)."""
@@ -193,7 +193,7 @@ def prepare_prompts(
     *,
     chat_template: bool = True,
     records: int | None = None,
-    dropped: dict[str, int] | None = None,
+    too_long: dict[str, int] | None = None,
 ) -> Prompts:
     """Tokenize the RL prompts (through the chat template when there is one and
     `chat_template` is true); `records` is the task's `train_records`."""
@@ -208,7 +208,7 @@ def prepare_prompts(
         ids = problem_token_ids(tokenizer, p, chat_template)
         epoch = int(p.meta.get("epoch", 0))
         specs.append(PromptSpec(p.prompt_id, len(ids), ids, epoch, record_id(p)))
-    return Prompts(train, held_out, by_id, specs, records, dropped or {"train": 0, "eval": 0})
+    return Prompts(train, held_out, by_id, specs, records, too_long or {"train": 0, "eval": 0})
 
 
 def model_to_evaluate(path: Path) -> tuple[Path | None, Path | None]:

@@ -304,7 +304,7 @@ class Run:
             "eval_after": eval_after,
             "evals": self.state.evals,
             "train_records": self.prompts.train_records,
-            "prompts_dropped": self.prompts.dropped,  # too long for the model's context
+            "prompts_too_long": self.prompts.too_long,  # too long for the model's context
             "epochs": self.prompts.epochs(self.prompts_trained),
             "engine_stats": dict(getattr(result.engine, "stats", {})),
             # {function: {kind: count}} over every update of the run (see reward_report)

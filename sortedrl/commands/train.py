@@ -87,7 +87,7 @@ def train(
     console = FailureConsole()  # your reward functions' first failures, train and eval alike
     backend = None
     try:
-        train_problems, eval_problems, dropped = fit_to_context(
+        train_problems, eval_problems, too_long = fit_to_context(
             cfg, model, tokenizer, train_problems, eval_problems
         )
         remove_run(out, previous)
@@ -97,7 +97,7 @@ def train(
             tokenizer,
             chat_template=cfg.task.chat_template,
             records=records,
-            dropped=dropped,
+            too_long=too_long,
         )
         if state.eval_before is None:
             state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems, console)

@@ -131,7 +131,8 @@ def _prompt(
     if not isinstance(text, str):
         raise InputFileError(
             path,
-            f"must be a string or a list of {{role, content}} messages, got {type(text).__name__}",
+            f"must be a string, got {type(text).__name__} (or a list of {{role, content}} "
+            "messages)",
             line,
             name,
         )
