@@ -17,25 +17,14 @@ from sortedrl.config import load_config  # noqa: E402
 from sortedrl.errors import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "task.train_prompts=16",
-    "task.eval_prompts=4",
-    "model.warm_start_steps=3",
-    "model.warm_start_batch=8",
-    "scheduler.group_size=2",
-    "rollout.capacity=8",
-    "scheduler.update_batch=2",
-    "scheduler.rollout_batch=4",
-    "scheduler.max_new_tokens=8",
-    "checkpoint.every_updates=2",
-    "eval.every_updates=0",
-    "eval.sampled=0",
-]
+# The tiny run with checkpoints every 2 updates and no evaluation between.
+MORE = ["scheduler.max_new_tokens=8", "checkpoint.every_updates=2", "eval.every_updates=0"]
+pytestmark = pytest.mark.usefixtures("cache")
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
+@pytest.fixture()
+def tiny(tiny_run):
+    return [*tiny_run, *MORE]
 
 
 # --- TRL's names -------------------------------------------------------------------------
@@ -96,21 +85,21 @@ def test_a_reward_module_in_the_current_directory_is_found(tmp_path, monkeypatch
 # --- resume: the checkpoint and step, the progress bar ------------------------------------
 
 
-def test_a_resume_names_its_checkpoint_and_the_bar_starts_there(tmp_path, capsys):
+def test_a_resume_names_its_checkpoint_and_the_bar_starts_there(tmp_path, capsys, tiny):
     from sortedrl.commands.train import train
 
     out = tmp_path / "run"
-    train(load_config(None, [*TINY, "max_updates=2"]), out, progress=False)
+    train(load_config(None, [*tiny, "max_updates=2"]), out, progress=False)
     capsys.readouterr()
-    train(load_config(None, [*TINY, "max_updates=4", "resume=auto"]), out, progress=False)
+    train(load_config(None, [*tiny, "max_updates=4", "resume=auto"]), out, progress=False)
     said = capsys.readouterr().out
     assert f"resuming from {out / 'checkpoints' / 'step-00000002'} at update 2" in said
 
 
-def _logger(tmp_path, **kw):
+def _logger(tmp_path, tiny, **kw):
     from sortedrl.commands.logger import RunLogger
 
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, tiny)
     return RunLogger(cfg, tmp_path, trace_lines=0, progress=True, **kw)
 
 
@@ -118,8 +107,8 @@ def _line(step, reward, acc):
     return {"step": step, "reward_mean": reward, "accuracy": acc, "response_len_mean": 4.0}
 
 
-def test_the_progress_bar_starts_at_the_checkpoint_and_shows_running_means(tmp_path):
-    logger = _logger(tmp_path, metrics_lines=4, resumed=True, total_updates=8)
+def test_the_progress_bar_starts_at_the_checkpoint_and_shows_running_means(tmp_path, tiny):
+    logger = _logger(tmp_path, tiny, metrics_lines=4, resumed=True, total_updates=8)
     try:
         (task,) = logger.bar.tasks
         assert (task.completed, task.total) == (4, 8)
@@ -136,14 +125,14 @@ def test_the_progress_bar_starts_at_the_checkpoint_and_shows_running_means(tmp_p
 # --- eval: a run directory or a checkpoint; its own flags ---------------------------------
 
 
-def test_eval_takes_a_run_directory_or_a_checkpoint(tmp_path):
+def test_eval_takes_a_run_directory_or_a_checkpoint(tmp_path, tiny):
     from click.testing import CliRunner
 
     from sortedrl.cli import main
     from sortedrl.commands.train import train
 
     out = tmp_path / "run"
-    train(load_config(None, [*TINY, "max_updates=2"]), out, progress=False)
+    train(load_config(None, [*tiny, "max_updates=2"]), out, progress=False)
     common = ["--prompts", "4", "--max-new-tokens", "8", "--capacity", "8"]
     by_dir = CliRunner().invoke(main, ["eval", "--model", str(out), *common])
     assert by_dir.exit_code == 0, by_dir.output
