@@ -255,3 +255,32 @@ def test_eval_command_prints_each_failing_function(rewards_module, tmp_path):
     assert "reward function 'not_a_list' failed (evaluation" in res.output
     assert "reward function 'not_a_list' failed on 4 calls (wrong_type 4)" in res.output
     assert "mean reward 1.000" in res.output
+
+
+def test_a_resumed_run_counts_the_failures_of_responses_scored_before_its_checkpoint(
+    rewards_module, tmp_path
+):
+    """Responses scored before a checkpoint and trained after it keep their parts: the resumed
+    run's metrics are the uninterrupted run's."""
+    import json
+
+    from sortedrl.commands.train import train
+    from sortedrl.config import load_config
+
+    args = _run_args(tmp_path, "h_rewards:raises", "h_rewards:works", "h_rewards:by_ids")
+    args += ["checkpoint.every_updates=1", "scheduler.policy=sorted", "task.reward_fail_updates=0"]
+    args += ["scheduler.update_batch=2", "scheduler.max_new_tokens=6"]
+    train(load_config(None, [*args, "max_updates=5"]), tmp_path / "ref", progress=False)
+    out = tmp_path / "resumed"
+    train(load_config(None, [*args, "max_updates=3"]), out, progress=False)
+    train(load_config(None, [*args, "max_updates=5", "resume=auto"]), out, progress=False)
+
+    clock = ("time", "elapsed", "bubble")  # wall-clock measurements differ from run to run
+
+    def lines(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        timeless = [{k: v for k, v in r.items() if not any(t in k for t in clock)} for r in rows]
+        return [{k: (None if v != v else v) for k, v in r.items()} for r in timeless]  # NaN
+
+    assert lines(out) == lines(tmp_path / "ref")
+    assert all(r["reward_failures/raises/raised"] == r["samples"] for r in lines(out))

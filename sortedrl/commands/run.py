@@ -390,7 +390,7 @@ class Run:
 
 def _score_row(key: tuple[str, int], s: Score) -> tuple[Any, ...]:
     row = (key[0], key[1], s.reward, s.correct, s.format_ok)
-    return (*row, [list(p) for p in s.parts]) if s.parts else row
+    return (*row, list(s.parts)) if s.parts else row
 
 
 def _score_of(row: tuple[Any, ...]) -> Score:

@@ -70,7 +70,7 @@ def train(
             f"{cfg.task.train_prompts / records:.2f} epochs, reshuffled each time"
         )
     # A previous run in `out` is refused now; with --overwrite it is removed only once
-    # everything below has been checked.
+    # everything below has been checked and built, just before the logs are opened.
     previous = previous_run(out, resume=bool(cfg.resume), overwrite=overwrite)
     resumed = find_resume(cfg, out / "checkpoints")
     # Settings first: a checkpoint of another model is refused before its weights are read.
@@ -90,7 +90,6 @@ def train(
         train_problems, eval_problems, too_long = fit_to_context(
             cfg, model, tokenizer, train_problems, eval_problems
         )
-        remove_run(out, previous)
         prompts = prepare_prompts(
             train_problems,
             eval_problems,
@@ -107,6 +106,7 @@ def train(
         trainer = backend.trainer(model)
         model.train()
         controller = start_controller(cfg, prompts.specs, trainer, resumed)
+        remove_run(out, previous)  # all is checked and built: the first write into `out`
         logger = RunLogger(
             cfg,
             out,

@@ -19,10 +19,13 @@ sandbox, each call under its own time limit). A function that fails on a respons
 returns something that is not a number, the wrong number of values or a NaN, or runs past the
 time limit) adds nothing to that response's sum: the other functions' shares stand, and the
 failure is counted for that function by kind (:mod:`sortedrl.tasks.reward_report`). So a
-response's reward is the weighted sum over the functions that gave a value. Whether a response is correct (the ``accuracy`` measure) is the task's verifier's verdict
+response's reward is the weighted sum over the functions that gave a value.
+
+Whether a response is correct (the ``accuracy`` measure) is the task's verifier's verdict
 against the reference answer when the problem has one (rewards may give partial credit, so a
-positive reward says little); without an answer, every function that returned a
-:class:`~sortedrl.tasks.base.Score` must say so, or, if none did, the reward must be > 0.
+positive reward says little, and a failing function must not decide it); without an answer,
+every function that returned a :class:`~sortedrl.tasks.base.Score` must say so, or, if none
+did, the reward must be > 0.
 
 The wrappers here are module-level and hold the functions by reference, so they pickle into
 the reward sandbox's worker processes as long as the functions' modules import there.
