@@ -13,7 +13,7 @@ from sortedrl.errors import ConfigError
 from sortedrl.scheduling.protocol import Request
 from sortedrl.tasks.base import Problem
 from sortedrl.tasks.reward_report import FailureConsole, RewardReport
-from sortedrl.tasks.scoring import Scorer
+from sortedrl.tasks.scoring import Scorer, score_generations
 from sortedrl.training.sft import encode_example
 
 
@@ -52,10 +52,6 @@ def problem_token_ids(tokenizer: Any, problem: Problem, chat_template: bool = Tr
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding
         ids = ids["input_ids"]
     return [int(i) for i in ids]
-
-
-def decode(tokenizer: Any, token_ids: Sequence[int] | None) -> str:
-    return tokenizer.decode(list(token_ids or []), skip_special_tokens=True)
 
 
 def evaluate(
@@ -124,11 +120,8 @@ def evaluate(
         engine.submit(requests)
         while engine.num_unfinished():
             finished = engine.step().finished
-            items = [
-                (by_id[g.request_id][0], decode(tokenizer, g.token_ids), g.token_ids)
-                for g in finished
-            ]
-            for g, s in zip(finished, scorer.score_batch(items) if items else [], strict=True):
+            items = [(by_id[g.request_id][0], g.token_ids) for g in finished]
+            for g, s in zip(finished, score_generations(scorer, tokenizer, items), strict=True):
                 report.add(s)
                 console.show(s, f"evaluation, {g.request_id}")
                 rewards.append(float(s.reward))
@@ -138,8 +131,7 @@ def evaluate(
     finally:
         if was_training:
             model.train()
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
     n = max(1, len(rewards))
     acc = sum(correct) / n
     return {

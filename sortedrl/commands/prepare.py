@@ -147,8 +147,8 @@ def _store_in_cache(model: Any, tokenizer: Any, target: Path) -> None:
 
 
 @dataclass
-class Prompts:
-    """The run's data: RL prompts (as problems and as the controller's specs) and eval problems."""
+class RunProblems:
+    """The run's problems: the RL ones (also as the controller's prompt specs) and the eval ones."""
 
     train: list[Problem]
     eval: list[Problem]
@@ -194,7 +194,7 @@ def prepare_prompts(
     chat_template: bool = True,
     records: int | None = None,
     too_long: dict[str, int] | None = None,
-) -> Prompts:
+) -> RunProblems:
     """Tokenize the RL prompts (through the chat template when there is one and
     `chat_template` is true); `records` is the task's `train_records`."""
     from sortedrl.commands.evaluate import problem_token_ids
@@ -208,7 +208,7 @@ def prepare_prompts(
         ids = problem_token_ids(tokenizer, p, chat_template)
         epoch = int(p.meta.get("epoch", 0))
         specs.append(PromptSpec(p.prompt_id, len(ids), ids, epoch, record_id(p)))
-    return Prompts(train, held_out, by_id, specs, records, too_long or {"train": 0, "eval": 0})
+    return RunProblems(train, held_out, by_id, specs, records, too_long or {"train": 0, "eval": 0})
 
 
 def model_to_evaluate(path: Path) -> tuple[Path | None, Path | None]:

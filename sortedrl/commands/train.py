@@ -56,7 +56,7 @@ def train(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from sortedrl.cluster.backend import make_backend
+    from sortedrl.commands.backend import make_backend
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
     t_start = time.perf_counter()
@@ -90,7 +90,7 @@ def train(
         train_problems, eval_problems, too_long = fit_to_context(
             cfg, model, tokenizer, train_problems, eval_problems
         )
-        prompts = prepare_prompts(
+        problems = prepare_prompts(
             train_problems,
             eval_problems,
             tokenizer,
@@ -105,7 +105,7 @@ def train(
         backend = make_backend(cfg)  # ray: connects and reserves the devices
         trainer = backend.trainer(model)
         model.train()
-        controller = start_controller(cfg, prompts.specs, trainer, resumed)
+        controller = start_controller(cfg, problems.specs, trainer, resumed)
         remove_run(out, previous)  # all is checked and built: the first write into `out`
         logger = RunLogger(
             cfg,
@@ -122,7 +122,7 @@ def train(
                 out,
                 model=model,
                 tokenizer=tokenizer,
-                prompts=prompts,
+                problems=problems,
                 scorer=scorer,
                 trainer=trainer,
                 backend=backend,
