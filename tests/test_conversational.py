@@ -41,7 +41,7 @@ def _write(path, rows):
 
 def test_a_prompt_column_of_messages_is_read_with_its_messages(tmp_path):
     f = _write(tmp_path / "chat.jsonl", _rows())
-    task = DatasetTask(path=str(f), test_path=str(f))
+    task = DatasetTask(path=str(f), eval_path=str(f))
     (p,) = task.problems("train", 1, seed=0)
     messages = p.meta["messages"]
     assert [m["role"] for m in messages] == ["system", "user"]
@@ -62,7 +62,7 @@ def test_bad_message_lists_name_the_file_line_and_message(tmp_path, prompt, word
     rows[1]["prompt"] = prompt
     f = _write(tmp_path / "chat.jsonl", rows)
     with pytest.raises(InputFileError, match=rf"chat.jsonl:2: field 'prompt': .*{words}"):
-        DatasetTask(path=str(f), test_path=str(f)).problems("train", 3, seed=0)
+        DatasetTask(path=str(f), eval_path=str(f)).problems("train", 3, seed=0)
 
 
 def test_messages_go_through_the_chat_template_and_need_one(tmp_path):
@@ -70,7 +70,7 @@ def test_messages_go_through_the_chat_template_and_need_one(tmp_path):
     from sortedrl.models.tiny import build_char_tokenizer
 
     f = _write(tmp_path / "chat.jsonl", _rows())
-    (p,) = DatasetTask(path=str(f), test_path=str(f)).problems("train", 1, seed=0)
+    (p,) = DatasetTask(path=str(f), eval_path=str(f)).problems("train", 1, seed=0)
     tok = build_char_tokenizer(ALPHABET)
     with pytest.raises(ConfigError, match="list of messages.*chat template"):
         problem_token_ids(tok, p, chat_template=True)
@@ -102,7 +102,7 @@ def rewards_module(tmp_path, monkeypatch):
 
 def test_conversational_rewards_get_trls_conversational_completions(rewards_module, tmp_path):
     f = _write(tmp_path / "chat.jsonl", _rows())
-    (p,) = DatasetTask(path=str(f), test_path=str(f)).problems("train", 1, seed=0)
+    (p,) = DatasetTask(path=str(f), eval_path=str(f)).problems("train", 1, seed=0)
     s = load_reward_fns(["chat_rewards:conversational"], None)(p, "4")
     assert s.parts == (("conversational", 1.0, None),)
 
