@@ -371,7 +371,12 @@ def eval_command(**kw: Any) -> None:
     training run's reward sandbox (worker processes and time limit for math)."""
     from sortedrl.commands.context import check_room, context_positions, fit_prompts
     from sortedrl.commands.evaluate import evaluate, problem_token_ids
-    from sortedrl.commands.prepare import checkpoint_model, model_to_evaluate, prepare_model
+    from sortedrl.commands.prepare import (
+        checkpoint_model,
+        embedded_run_model,
+        model_to_evaluate,
+        prepare_model,
+    )
     from sortedrl.config import load_config
     from sortedrl.io import write_json_atomic
     from sortedrl.tasks.registry import build_task
@@ -388,14 +393,16 @@ def eval_command(**kw: Any) -> None:
     cfg = load_config(None, _eval_overrides(kw))
     task = build_task(cfg.task)
     if ckpt is not None:
-        model, tokenizer, step = checkpoint_model(ckpt)
+        model, tokenizer, step, embedded = checkpoint_model(ckpt)
         out.print(f"evaluating the checkpoint {ckpt} (update {step})")
     else:
         model, tokenizer = prepare_model(cfg, task)
+        embedded = model_dir is not None and embedded_run_model(model_dir)
     problems = task.problems("test", kw["prompts"], seed=kw["seed"])
     if not problems:
         raise SortedRLError(f"task {kw['task_name']}: no held-out problems")
-    positions = context_positions(model)
+    # As in training: the embedded tiny model's positions are nominal (rotary, not learned).
+    positions = None if embedded else context_positions(model)
     check_room(positions, kw["max_new_tokens"], "--max-new-tokens ")
     problems, dropped = fit_prompts(
         problems,

@@ -159,3 +159,16 @@ def test_overwrite_validates_everything_before_it_removes_the_whole_previous_run
 
     claim_out_dir(lone, resume=False, overwrite=True)
     assert os.listdir(lone) == []
+
+
+def test_the_model_of_an_embedded_model_run_is_not_held_to_its_nominal_positions(tmp_path):
+    """As in training, `eval` does not check the embedded tiny model's (rotary, nominal)
+    positions; it knows that model by the run's summary.json beside it."""
+    from sortedrl.commands.prepare import embedded_run_model
+
+    for run, path, want in (("tiny", None, True), ("yours", "/m", False)):
+        (tmp_path / run / "model").mkdir(parents=True)
+        doc = {"config": {"model": {"path": path}}}
+        (tmp_path / run / "summary.json").write_text(json.dumps(doc))
+        assert embedded_run_model(tmp_path / run / "model") is want
+    assert not embedded_run_model(tmp_path / "elsewhere" / "model")

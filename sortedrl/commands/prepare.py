@@ -211,6 +211,16 @@ def prepare_prompts(
     return RunProblems(train, held_out, by_id, specs, records, too_long or {"train": 0, "eval": 0})
 
 
+def embedded_run_model(model_dir: Path) -> bool:
+    """Whether `model_dir` is the `model/` a run of the embedded tiny model saved (its
+    summary.json beside it says so)."""
+    try:
+        doc = json.loads((model_dir.parent / "summary.json").read_text(encoding="utf-8"))
+        return model_dir.name == "model" and not doc["config"]["model"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def model_to_evaluate(path: Path) -> tuple[Path | None, Path | None]:
     """What `sortedrl eval --model PATH` names: (a model directory, None) or (None, a
     checkpoint). PATH may be a model directory, a run directory (its `model/`, or, before
@@ -232,10 +242,10 @@ def model_to_evaluate(path: Path) -> tuple[Path | None, Path | None]:
     )
 
 
-def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None]:
-    """(model, tokenizer, step) of a training checkpoint: the run's model as its settings
-    built it (your model directory, or the embedded tiny model), with the checkpoint's
-    weights."""
+def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None, bool]:
+    """(model, tokenizer, step, embedded) of a training checkpoint: the run's model as its
+    settings built it (your model directory, or, `embedded`, the tiny model), with the
+    checkpoint's weights."""
     from safetensors.torch import load_model
 
     from sortedrl.commands.checkpoint import load_checkpoint
@@ -254,4 +264,4 @@ def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None]:
         load_model(model, str(loaded["weights"]))
     except (RuntimeError, ValueError, OSError) as e:
         raise ConfigError(f"{ckpt}: its weights do not fit the run's model ({e})") from None
-    return model.eval(), tokenizer, loaded["step"]
+    return model.eval(), tokenizer, loaded["step"], not cfg.model.path
