@@ -16,10 +16,10 @@ from sortedrl.commands.prepare import RunProblems
 from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
 from sortedrl.errors import SortedRLError, TrainerFailedError
-from sortedrl.scheduling.controller import Controller, controller_state
+from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import EngineFailedError, RunResult, run
 from sortedrl.scheduling.metrics import Clock
-from sortedrl.scheduling.protocol import Backend, Engine
+from sortedrl.scheduling.protocol import Backend, CheckpointedTrainer, Engine
 from sortedrl.tasks.base import Score
 from sortedrl.tasks.scoring import Scorer, score_generations
 
@@ -48,7 +48,7 @@ class Run:
         tokenizer: Any,
         problems: RunProblems,
         scorer: Scorer,
-        trainer: Any,
+        trainer: CheckpointedTrainer,
         backend: Backend,
         controller: Controller,
         state: RunState,
@@ -155,14 +155,13 @@ class Run:
         ]
         saved_clock = self.state.clock
         doc = self.state.model_copy(update={"clock": saved_clock.plus(self.clock)}).to_json()
-        sharded = getattr(self.trainer, "save_checkpoint", None)  # ranks write their own parts
         return save_checkpoint(
             self.ckpt_root,
             step,
             model=self.model,
-            trainer_state={"trainer": None if sharded else self.trainer.state_dict(), "rng": rng},
-            sharded=sharded,
-            controller_state=controller_state(self.controller),
+            trainer_state={"trainer": None, "rng": rng},  # "trainer": the trainer's own part
+            trainer_part=lambda folder: self.trainer.save_checkpoint(str(folder)),
+            controller_state=self.controller.state_dict(),
             run_state=doc,
             keep=self.cfg.checkpoint.keep,
         )

@@ -464,21 +464,3 @@ class Controller:
         return self._lengths.pacing_holds(
             self.config, self._version, groups, running, self._n_queued, self.exhausted
         )
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-# Thin functions kept for callers of the first checkpoint API; they use the methods.
-
-
-def controller_state(ctl: Controller) -> dict[str, Any]:
-    """`ctl.state_dict()`."""
-    return ctl.state_dict()
-
-
-def restore_controller(
-    config: SchedulerConfig, prompts: Iterable[PromptSpec], state: dict[str, Any]
-) -> Controller:
-    """A controller built from `config` and `prompts` that goes on from `state`."""
-    ctl = Controller(config, prompts)
-    ctl.load_state_dict(state)
-    return ctl
