@@ -59,6 +59,7 @@ class Run:
         self.problems, self.scorer, self.trainer = problems, scorer, trainer
         self.backend = backend  # builds the engine (sortedrl.commands.backend)
         self.controller, self.state, self.logger = controller, state, logger
+        self.out = out
         self.ckpt_root = out / "checkpoints"
         self.t_start = t_start
         self.elapsed_before = state.elapsed_s
@@ -278,7 +279,7 @@ class Run:
             "epochs": self.problems.epochs(self.prompts_trained),
             "engine_stats": dict(result.engine.stats),
             "config": self.cfg.model_dump(mode="json"),
-            "out_dir": str(self.ckpt_root.parent),
+            "out_dir": str(self.out),
         }
         doc["loop_time_s"] = doc["wall_time_s"]  # the run loop's time, every segment
         doc["wall_time_s"] = self.elapsed_now()  # preparation and evaluation included
