@@ -109,12 +109,8 @@ def test_the_run_does_not_score_again_what_a_replica_scored():
     problems = {p: Problem(p, "abc", "cba") for p in ("p0", "p1")}
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "x" * len(ids))
     scorer = _CountingScorer()
-    run = SimpleNamespace(
-        problems=SimpleNamespace(by_id=problems),
-        tokenizer=tok,
-        scorer=scorer,
-        console=SimpleNamespace(show=lambda score, where: None),
-    )
+    run = SimpleNamespace(problems=SimpleNamespace(by_id=problems), tokenizer=tok, scorer=scorer)
+    run.console = SimpleNamespace(show=lambda score, where: None)  # the reward-failure console
     run.scores = {}
     pre = Generation("r0", "stop", 2, [(0, 2)], [5, 6], [-0.1, -0.2], Score(1.0, True, True))
     new = Generation("r1", "stop", 3, [(0, 3)], [5, 6, 7], [-0.1, -0.2, -0.3])
