@@ -198,3 +198,21 @@ def test_prefix_caching_is_reset_at_every_weight_load():
         # The old model would have given other log-probs: the test can tell the two apart.
         stale = forward_logprobs(old, g.token_ids)
         assert max(abs(a - b) for a, b in zip(g.logprobs, stale, strict=True)) > 1e-2
+
+
+def test_an_engine_built_from_a_model_directory_serves_its_weights(tmp_path):
+    """A Ray replica builds its engine from the files the driver wrote: its own load, no
+    second copy of a model object."""
+    import torch
+
+    from sortedrl.engines.factory import build_engine
+    from sortedrl.models.tiny import build_char_tokenizer, build_tiny_model
+
+    tok = build_char_tokenizer("abc")
+    model = build_tiny_model(len(tok), seed=3, size="micro")
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    engine = build_engine(load_config(None, []), str(tmp_path / "m"), tok, 4)
+    assert engine.version == 4
+    got, want = engine.model.state_dict(), model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

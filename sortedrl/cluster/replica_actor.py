@@ -104,6 +104,34 @@ class EngineReplica:
             if close is not None:
                 close()
 
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(
+        self, requests: Sequence[Request], temperature: float, top_p: float, seed: int
+    ) -> list[Generation]:
+        """Generate `requests` to completion on this replica's current weights, with an engine
+        of their own over the same model (its own KV cache and sampler: the rollout engine's
+        requests and RNG are untouched). Transformers replicas only."""
+        from sortedrl.engines.transformers_engine import TransformersEngine
+
+        if not isinstance(self.engine, TransformersEngine):
+            raise TypeError(f"evaluation on a replica needs the transformers engine, not "
+                            f"{type(self.engine).__name__}")  # fmt: skip
+        engine = TransformersEngine(
+            self.engine.model,
+            self.tokenizer,
+            capacity=self.engine.capacity,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            device=self.engine.device,
+        )
+        engine.submit(requests)
+        out: list[Generation] = []
+        while engine.num_unfinished():
+            out += engine.step().finished
+        return out
+
     # --- scoring --------------------------------------------------------------------------------
 
     def _returned(self, gens: list[Generation]) -> list[Generation]:

@@ -148,8 +148,14 @@ class Run:
             pull()
 
     def evaluate(self) -> dict[str, Any]:
-        self.pull_weights()
-        return evaluate_run(self.cfg, self.model, self.tokenizer, self.scorer, self.prompts.eval)
+        """Evaluate the current policy: on the Ray replicas where the backend can, else on
+        the driver's model (brought up to date first)."""
+        generate = self.backend.evaluator(self.engine)
+        if generate is None:
+            self.pull_weights()
+        return evaluate_run(
+            self.cfg, self.model, self.tokenizer, self.scorer, self.prompts.eval, generate
+        )
 
     def checkpoint(self, step: int) -> Path:
         """Write checkpoint `step`: weights, trainer, every RNG, controller and run state."""

@@ -46,7 +46,7 @@ def train(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from sortedrl.cluster.backend import make_backend
+    from sortedrl.cluster.backend import evaluates_on_replicas, make_backend
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
     t_start = time.perf_counter()
@@ -79,7 +79,7 @@ def train(
             chat_template=cfg.task.chat_template,
             records=records,
         )
-        if state.eval_before is None:
+        if state.eval_before is None and not evaluates_on_replicas(cfg):
             state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems)
             state.evals.append({"step": 0, **state.eval_before})
 
@@ -111,6 +111,9 @@ def train(
                 logger=logger,
                 t_start=t_start,
             )
+            if state.eval_before is None:  # on the replicas, now that they run
+                state.eval_before = run.evaluate()
+                state.evals.append({"step": 0, **state.eval_before})
             if resumed:
                 run.restore_rng(resumed["trainer"]["rng"])
             result = run.execute(pause_for_update=pause_for_update(cfg))

@@ -1,5 +1,7 @@
 """Rollout engines by name: `build_engine(cfg, model, tokenizer, version)` builds the engine
-that `rollout.engine` names. A new engine plugs in with one entry in `ENGINES`.
+that `rollout.engine` names. A new engine plugs in with one entry in `ENGINES`. `model` is a
+model object (the engine keeps its own copy of the weights) or a Hugging Face model directory
+(the engine loads it for itself: a Ray replica holds no second copy).
 
 Importing this module imports no engine (nor torch): each builder imports its own.
 """
@@ -7,6 +9,7 @@ Importing this module imports no engine (nor torch): each builder imports its ow
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +27,14 @@ def _transformers(cfg: TrainConfig, model: Any, tokenizer: Any, version: int) ->
     from sortedrl.engines.transformers_engine import TransformersEngine
 
     dtype = cfg.rollout.dtype
+    if isinstance(model, str | os.PathLike):  # a model directory: loaded for this engine alone
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    else:
+        model = copy.deepcopy(model)  # its own weights: the trainer changes `model` meanwhile
     engine = TransformersEngine(
-        copy.deepcopy(model),  # its own weights: the trainer changes `model` meanwhile
+        model,
         tokenizer,
         capacity=cfg.rollout.capacity,
         temperature=cfg.rollout.temperature,
@@ -42,7 +51,7 @@ def _vllm(cfg: TrainConfig, model: Any, tokenizer: Any, version: int) -> Engine:
     from sortedrl.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
-        model,  # saved to a temporary directory now: later training does not touch that copy
+        model,  # a model object is saved to a temporary directory: training does not touch it
         tokenizer,
         capacity=cfg.rollout.capacity,
         temperature=cfg.rollout.temperature,
