@@ -56,6 +56,24 @@ class TrainerRankDied(TrainerFailedError):
         self.rank = rank
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names of `model`'s parameters that are another name's parameter (tied weights)."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
+
+
+def load_into(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """`model.load_state_dict(weights)`, where a tied weight may come under its first name
+    only."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = sorted(set(missing) - tied_aliases(model))
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not match the model (missing {missing[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]})"
+        )
+
+
 class TrainerRank:
     """One trainer rank in its own process; the group makes it a Ray actor."""
 
@@ -101,6 +119,10 @@ class TrainerRank:
         result = self.trainer.update(batch)
         weights = result.weights
         if weights is not None:
+            # A tied weight (a tied lm_head) travels once, under its first name, as the model's
+            # files hold it; the engines load it into every name it is tied to.
+            for name in tied_aliases(self.trainer.model):
+                weights.pop(name, None)
             result.stats["weight_bytes"] = float(
                 sum(t.numel() * t.element_size() for t in weights.values())
             )
@@ -184,7 +206,7 @@ class RayTrainerGroup:
         import ray
 
         if self._latest is not None:
-            self.model.load_state_dict(ray.get(self._latest))
+            load_into(self.model, ray.get(self._latest))
             self._latest = None
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -202,7 +224,7 @@ class RayTrainerGroup:
         if not Path(dir).is_dir():
             raise SortedRLError(f"{dir}: no trainer checkpoint (not a directory)")
         weights = self._call("load", str(dir))[0]
-        self.model.load_state_dict(weights)
+        load_into(self.model, weights)
         self._latest = None
 
     # --- lifetime ------------------------------------------------------------------------------

@@ -240,7 +240,8 @@ class TransformersEngine:
 
     def load_weights(self, weights: Any, version: int) -> float:
         """Copy `weights` (a state dict of tensors, or None for weights already in place) into
-        the model in place, and serve them as `version`.
+        the model in place, and serve them as `version`. A tied weight may come once, under
+        its first name (as the model's files hold it).
 
         Later tokens of running sequences carry `version`. Their keys and values so far were
         computed by the old weights; unless `reprefill_on_load` is set, decoding continues on
@@ -253,7 +254,10 @@ class TransformersEngine:
                 raise TypeError(f"load_weights expects a state dict, got {type(weights).__name__}")
             with torch.no_grad():
                 own = self.model.state_dict()
-                missing = [k for k in own if k not in weights]
+                # Tied names share one tensor: the first name's copy fills them all.
+                firsts = {n for n, _ in self.model.named_parameters()}
+                tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - firsts
+                missing = [k for k in own if k not in weights and k not in tied]
                 unexpected = [k for k in weights if k not in own]
                 if missing or unexpected:
                     raise ValueError(
@@ -261,6 +265,8 @@ class TransformersEngine:
                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
                     )
                 for k, dst in own.items():
+                    if k not in weights:  # tied: filled through its first name
+                        continue
                     src = weights[k]
                     if src.data_ptr() != dst.data_ptr():
                         dst.copy_(src)
