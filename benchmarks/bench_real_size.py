@@ -144,7 +144,7 @@ def run_size(size: str, path: Path, args: argparse.Namespace, out: Path) -> dict
         "ranks_mib": sorted(v for k, v in peaks.values() if k == "rank"),
         "replicas_mib": sorted(v for k, v in peaks.values() if k == "replica"),
         "update_s": [x["train/elapsed_s"] for x in lines],
-        "weight_bytes": [x["train/weight_bytes"] for x in lines],
+        "weight_bytes": [x.get("train/weight_bytes", float("nan")) for x in lines],
         "weight_sync_s": summary["engine_stats"]["weight_sync_s"],
     }
 
