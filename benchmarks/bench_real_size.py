@@ -68,9 +68,9 @@ def build_model(size: str, where: Path) -> tuple[Path, int]:
         torch.manual_seed(0)
         model = transformers.Qwen2ForCausalLM(cfg)
         model.save_pretrained(path, safe_serialization=True)
-        from sortedrl.config import TaskSection
+        from sortedrl.tasks.config import TaskConfig
 
-        tok = build_char_tokenizer(build_task(TaskSection()).alphabet)
+        tok = build_char_tokenizer(build_task(TaskConfig()).alphabet)
         tok.save_pretrained(path)
         del model
     with torch.device("meta"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
-from stepping_engine import SteppingEngine, UnitTrainer
 
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller
@@ -12,6 +11,7 @@ from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.metrics import OvercountedBusyTime, bubble_ratio
 from sortedrl.scheduling.protocol import StepReport
 from sortedrl.scheduling.state import PromptSpec
+from tests.stepping_engine import SteppingEngine, UnitTrainer
 
 
 def _prompts(n: int) -> list[PromptSpec]:
@@ -295,6 +295,8 @@ def test_a_group_with_older_tokens_goes_ahead_of_newer_ones_that_completed_first
 class Settling(SteppingEngine):
     """Holds back what finishes on odd-numbered prompts while other work runs, as the Ray
     replica pool does with a slow replica's step still in flight; `settle` reports it."""
+
+    steps_in_flight = True
 
     def __init__(self, capacity, length, calls):
         super().__init__(capacity, length)

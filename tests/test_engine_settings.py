@@ -47,7 +47,7 @@ def test_the_transformers_engine_honours_the_dtype():
     model = build_tiny_model(len(tok), seed=0, size="micro")
     for dtype, want in (("bfloat16", torch.bfloat16), ("auto", torch.float32)):
         cfg = load_config(None, [f"rollout.dtype={dtype}"])
-        engine = build_engine(cfg, model, tok, 0)
+        engine = build_engine(cfg.rollout, cfg.model, cfg.seed, model, tok, 0)
         assert {p.dtype for p in engine.model.parameters()} == {want}
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the trainer's stays
 
@@ -82,7 +82,15 @@ def _build(cfg):
     tok = build_char_tokenizer("abc")
     model = build_tiny_model(len(tok), seed=0, size="micro", num_attention_heads=2)
     with pytest.raises(_Captured):
-        build_engine(cfg, model, tok, 0)
+        build_engine(
+            cfg.rollout,
+            cfg.model,
+            cfg.seed,
+            model,
+            tok,
+            0,
+            tensor_parallel_size=cfg.cluster.tensor_parallel_size,
+        )
 
 
 def test_each_gpu_setting_reaches_vllms_engine_args(captured, monkeypatch):
@@ -211,7 +219,8 @@ def test_an_engine_built_from_a_model_directory_serves_its_weights(tmp_path):
     tok = build_char_tokenizer("abc")
     model = build_tiny_model(len(tok), seed=3, size="micro")
     model.save_pretrained(tmp_path / "m", safe_serialization=True)
-    engine = build_engine(load_config(None, []), str(tmp_path / "m"), tok, 4)
+    cfg = load_config(None, [])
+    engine = build_engine(cfg.rollout, cfg.model, cfg.seed, str(tmp_path / "m"), tok, 4)
     assert engine.version == 4
     got, want = engine.model.state_dict(), model.state_dict()
     assert got.keys() == want.keys()

@@ -18,7 +18,6 @@ transformers = pytest.importorskip("transformers")
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from grpo_batches import make_batch  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 from sortedrl.training.config import TrainerConfig  # noqa: E402
@@ -28,6 +27,7 @@ from sortedrl.training.distributed import (  # noqa: E402
     shard_model,
 )
 from sortedrl.training.sharded_load import load_sharded, parameters_on_meta  # noqa: E402
+from tests.grpo_batches import make_batch  # noqa: E402
 
 WORLD = 2
 CONFIG = TrainerConfig(lr=1e-3, adam_eps=1e-6, mini_batches=2, kl_coef=0.1)

@@ -43,7 +43,9 @@ are run with full attention.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,9 +54,10 @@ from typing import Any
 
 import torch
 
+from sortedrl.engines.config import ModelConfig, RolloutConfig
 from sortedrl.engines.response import ResponseTrack
 from sortedrl.engines.slot_kv import SlotKV
-from sortedrl.scheduling.protocol import Generation, Request, StepReport
+from sortedrl.scheduling.protocol import EngineBase, Generation, Request, StepReport
 
 __all__ = ["TransformersEngine"]
 
@@ -78,7 +81,7 @@ class _Seq(ResponseTrack):
 # --- the engine -------------------------------------------------------------------------------
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     """A continuous-batching `Engine` over a transformers causal LM (see the module docstring).
 
     Args:
@@ -443,3 +446,41 @@ class TransformersEngine:
                 done.append(i)
         if done:
             self._remove_rows(done)
+
+
+def build_transformers_engine(
+    rollout: RolloutConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    model: Any,
+    tokenizer: Any,
+    version: int,
+    *,
+    tensor_parallel_size: int = 1,
+) -> TransformersEngine:
+    """The engine of `rollout.engine=transformers` (its entry in `engines/registry.py`);
+    `model` is a model object or a model directory (loaded for this engine alone)."""
+    if tensor_parallel_size != 1:
+        raise ValueError(
+            f"cluster.tensor_parallel_size={tensor_parallel_size}: the transformers engine "
+            "runs on one device"
+        )
+    if isinstance(model, str | os.PathLike):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    else:
+        model = copy.deepcopy(model)  # its own weights: the trainer changes `model` meanwhile
+    dtype = rollout.dtype
+    engine = TransformersEngine(
+        model,
+        tokenizer,
+        capacity=rollout.capacity,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        seed=seed,
+        device=model_cfg.device,
+        dtype=None if dtype in (None, "auto") else getattr(torch, dtype),
+    )
+    engine.load_weights(None, version)  # the copied weights are policy `version`
+    return engine

@@ -54,8 +54,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sortedrl.engines.config import ModelConfig, RolloutConfig
 from sortedrl.engines.response import ResponseTrack
-from sortedrl.scheduling.protocol import Generation, Request, StepReport
+from sortedrl.scheduling.protocol import EngineBase, Generation, Request, StepReport
 
 __all__ = ["VLLMEngine", "vllm_available"]
 
@@ -98,7 +99,7 @@ def request_seed(seed: int, n: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """An `Engine` over vLLM V1 (see the module docstring).
 
     Args:
@@ -523,3 +524,35 @@ def _checkpoint_names(path: str) -> set[str]:
     if not names:
         raise ValueError(f"VLLMEngine: {path} has no safetensors weights")
     return names
+
+
+def build_vllm_engine(
+    rollout: RolloutConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    model: Any,
+    tokenizer: Any,
+    version: int,
+    *,
+    tensor_parallel_size: int = 1,
+) -> VLLMEngine:
+    """The engine of `rollout.engine=vllm` (its entry in `engines/registry.py`). An empty
+    rollout setting stays None here, and the engine puts its device's default in its place."""
+    engine = VLLMEngine(
+        model,  # a model object is saved to a temporary directory: training does not touch it
+        tokenizer,
+        capacity=rollout.capacity,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        seed=seed,
+        device=model_cfg.device,
+        dtype=rollout.dtype,
+        max_model_len=rollout.max_model_len,
+        kv_cache_gib=rollout.kv_cache_gib,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        enforce_eager=rollout.enforce_eager,
+        enable_prefix_caching=rollout.enable_prefix_caching,
+        tensor_parallel_size=tensor_parallel_size,
+    )
+    engine.load_weights(None, version)  # the saved weights are policy `version`
+    return engine
