@@ -38,6 +38,21 @@ def main() -> None:
     """sortedrl: RL for language models with length-aware rollout scheduling (SortedRL)."""
 
 
+class _IntOrAuto(click.ParamType):
+    name = "integer|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither an integer nor auto", param, ctx)
+
+
+_INT_OR_AUTO = _IntOrAuto()
+
+
 def _scheduler_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """One click option per `SchedulerConfig` field (policy aside: --policies), with the
     field's description and default; unset options stay None, so the study knows what was
@@ -56,6 +71,8 @@ def _scheduler_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         flag = "--" + name.replace("_", "-")
         if f.annotation is bool:
             fn = click.option(f"{flag}/--no-{flag[2:]}", default=None, help=help_text)(fn)
+        elif name == "rollout_batch":  # a number, or auto (sorted's window-fit rule)
+            fn = click.option(flag, type=_INT_OR_AUTO, default=None, help=help_text)(fn)
         elif get_origin(f.annotation) is Literal:
             choice = click.Choice(list(get_args(f.annotation)))
             fn = click.option(flag, type=choice, default=None, help=help_text)(fn)
