@@ -481,13 +481,13 @@ class Controller:
         self._protect_waitlist.extend(groups[o] for o in state["protect_waitlist"])
         self.ledger.load_state_dict(state["ledger"])
         if self._rule is not None:
-            rule_state = state.get("rollout_batch_rule")
+            rule_state = state["rollout_batch_rule"]
             if rule_state is None:
                 raise ValueError(
                     "the checkpoint has no rollout batch rule state, but rollout_batch is auto"
                 )
             self._rule.load_state_dict(rule_state)
-        self._round, self._round_admitted = state.get("round", [0, 0])
+        self._round, self._round_admitted = state["round"]
 
     # --- the end ------------------------------------------------------------------------------
     def done(self) -> bool:

@@ -26,6 +26,12 @@ per step):
   wait; the rule evaluates R = U (1 + j/4), j = 0, 1, ... up to the first R that fills the
   engine, and keeps the fewest steps (the smaller R on a tie: fresher tokens).
 
+Why this is a window fit: while the update's longest group M_q overruns, steps per update are
+T + M_q - (K + 1/2) T = M_q - (K - 1/2) T, which for K >= 1 falls as T grows. So the cheapest R
+is the one whose window (K + 1/2) T just holds M_q (or the R that fills the engine, if that
+comes first). With K = 0 (`cache=drop`) an overrun always costs the long group's whole length
+and a larger R still shortens T, so the rule fills the engine.
+
 T is calibrated on the engine: Little's law says T (R - U/2) is the same at every R, and the
 rule uses the median of that product over recent updates that discarded nothing and waited for
 no protected group (its measured intervals, from the controller's step estimates), and U E[M]
