@@ -160,7 +160,7 @@ def _preset_help() -> str:
 @friendly_errors
 def simulate(**kw: Any) -> None:
     """Compare scheduling policies on the simulated engine at paper scale, in virtual time.
-    The scheduler options are `sortedrl train`'s `scheduler` section; the README spells out
+    The scheduler options are `sortedrl train`'s `scheduler` section; docs/simulate.md spells out
     the paper's setting."""
     from sortedrl.engines.costmodel import get_preset
     from sortedrl.errors import ConfigError
@@ -432,7 +432,7 @@ def train(
     type=click.Choice(["transformers", "vllm"]),
     default="transformers",
     show_default=True,
-    help="the engine that generates (vllm: see the README's vLLM section)",
+    help="the engine that generates (vllm: see docs/train.md, the vLLM engine)",
 )
 @click.option("--json", "json_path", type=click.Path(), help="write the scores here")
 @friendly_errors

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-from tiny_llama import tiny_llama
 
 from sortedrl.scheduling.protocol import TrainGroup, TrainSample, UpdateBatch
+from tests.tiny_llama import tiny_llama
 
 GROUPS = {
     "a": ([1, 5, 6, 7], [[10 + i % 20 for i in range(16)], [11, 2], [12, 13, 2], [14, 2]]),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
-from stepping_engine import SteppingEngine, UnitTrainer
 
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller
@@ -12,6 +11,7 @@ from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.metrics import OvercountedBusyTime, bubble_ratio
 from sortedrl.scheduling.protocol import StepReport
 from sortedrl.scheduling.state import PromptSpec
+from tests.stepping_engine import SteppingEngine, UnitTrainer
 
 
 def _prompts(n: int) -> list[PromptSpec]:

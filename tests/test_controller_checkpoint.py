@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from stepping_engine import SteppingEngine, UnitTrainer
 
 from sortedrl.scheduling.checkpoint_format import CHECKPOINT_FORMAT
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller, controller_state, restore_controller
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.state import PromptSpec
+from tests.stepping_engine import SteppingEngine, UnitTrainer
 
 
 def _lengths(seed: int):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from stepping_engine import SteppingEngine, UnitTrainer
 
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller, controller_state
 from sortedrl.scheduling.loop import EngineFailedError, run
 from sortedrl.scheduling.state import PromptSpec
+from tests.stepping_engine import SteppingEngine, UnitTrainer
 
 
 def _lengths(p, i, a):

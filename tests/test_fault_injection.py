@@ -53,8 +53,8 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
-    env = {**os.environ, "SORTEDRL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path, cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the cache fixture set SORTEDRL_CACHE
     ref = tmp_path / "ref"
     subprocess.run(_cmd(ref, False), env=env, check=True, capture_output=True, timeout=600)
 
@@ -108,8 +108,8 @@ def test_sigkill_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
     print(f"\n[fault injection] {len(kills)} SIGKILLs at {kills}; resumed run matches")
 
 
-def test_sigterm_checkpoints_and_resume_finishes_exactly_once(tmp_path):
-    env = {**os.environ, "SORTEDRL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+def test_sigterm_checkpoints_and_resume_finishes_exactly_once(tmp_path, cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the cache fixture set SORTEDRL_CACHE
     out = tmp_path / "run"
     proc = subprocess.Popen(
         _cmd(out, resume=False), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -134,12 +134,12 @@ def test_sigterm_checkpoints_and_resume_finishes_exactly_once(tmp_path):
     assert _lines(out / "metrics.jsonl") == 12 > stopped_at
 
 
-def test_default_checkpoint_interval_resume_replays_the_lost_updates(tmp_path):
+def test_default_checkpoint_interval_resume_replays_the_lost_updates(tmp_path, cache):
     """`checkpoint.every_updates` at its default (20): a kill after update 22 loses updates 21
     and 22; the resumed run replays them from step 20 and ends as the uninterrupted run."""
     args = [a for a in ARGS if not a.startswith(("checkpoint.", "task.train_prompts"))]
     args += ["task.train_prompts=44", "scheduler.max_new_tokens=12", "task.eval_prompts=4"]
-    env = {**os.environ, "SORTEDRL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the cache fixture set SORTEDRL_CACHE
 
     def cmd(out: Path, resume: bool) -> list[str]:
         base = [sys.executable, "-m", "sortedrl.cli", "train", "--out", str(out), "--no-progress"]

@@ -27,8 +27,6 @@ pytest.importorskip("transformers")
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from grpo_batches import make_batch  # noqa: E402
-from tiny_llama import tiny_llama  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     StateDictOptions,
     get_optimizer_state_dict,
@@ -44,6 +42,8 @@ from sortedrl.training.packing import plan_micro_batches  # noqa: E402
 from sortedrl.training.parallel import token_shares  # noqa: E402
 from sortedrl.training.rows import build_rows  # noqa: E402
 from sortedrl.training.trainer import GRPOTrainer  # noqa: E402
+from tests.grpo_batches import make_batch  # noqa: E402
+from tests.tiny_llama import tiny_llama  # noqa: E402
 
 WORLD = 2
 SEED = 7

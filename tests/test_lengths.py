@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from stepping_engine import SteppingEngine, UnitTrainer
 
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.lengths import LengthHistory, plan_wait
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.state import PromptSpec
+from tests.stepping_engine import SteppingEngine, UnitTrainer
 
 
 def test_prediction_is_the_mean_of_the_longer_recorded_lengths():

@@ -7,10 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tiny_llama import tiny_llama  # noqa: E402
-
 from sortedrl.training.loss import policy_loss, token_logprobs  # noqa: E402
 from sortedrl.training.packing import Row, collate, plan_micro_batches  # noqa: E402
+from tests.tiny_llama import tiny_llama  # noqa: E402
 
 
 def row(prompt, response, adv=1.0, mask=None, staleness=None, behav=None):

@@ -11,17 +11,24 @@ import pytest
 
 from sortedrl.config import load_config
 from sortedrl.errors import TrainerFailedError
-from tests.ray_cluster import ray_local  # noqa: F401
-from tests.test_train_e2e import TINY
 
-RAY = [
-    "cluster.backend=ray",
-    "cluster.rollout_replicas=2",
-    "cluster.trainer_ranks=2",
-    *TINY,  # 16 prompts x 2 responses, updates of 2 groups
-    "checkpoint.every_updates=2",
-    "eval.sampled=0",
-]
+pytestmark = pytest.mark.usefixtures("cache")
+
+
+@pytest.fixture
+def ray_run(tiny_run):
+    """The tiny run (16 prompts x 2 responses, updates of 2 groups) on 2 replicas and 2 ranks,
+    with longer responses and checkpoints every 2 updates."""
+    return [
+        "cluster.backend=ray",
+        "cluster.rollout_replicas=2",
+        "cluster.trainer_ranks=2",
+        *tiny_run,
+        "task.eval_prompts=8",
+        "model.warm_start_steps=5",
+        "scheduler.max_new_tokens=32",
+        "checkpoint.every_updates=2",
+    ]
 
 
 def _balanced(s: dict) -> None:
@@ -35,16 +42,17 @@ def _trained_prompts(out) -> list[str]:
 
 @pytest.mark.parametrize("policy", ["sorted", "async"])  # colocated; separate (its default)
 def test_two_replicas_and_two_ranks_train_and_counts_balance(
-    ray_local,  # noqa: F811
+    ray_local,
+    ray_run,
     tmp_path,
-    monkeypatch,
     policy,
 ):
     from sortedrl.commands.train import train
 
-    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    summary = train(load_config(None, [*RAY, f"scheduler.policy={policy}"]), out, progress=False)
+    summary = train(
+        load_config(None, [*ray_run, f"scheduler.policy={policy}"]), out, progress=False
+    )
     _balanced(summary)
     assert sorted(_trained_prompts(out)) == sorted(set(_trained_prompts(out)))
     stats = summary["engine_stats"]
@@ -60,14 +68,14 @@ def test_two_replicas_and_two_ranks_train_and_counts_balance(
 
 
 def test_a_killed_trainer_rank_stops_the_run_and_resume_finishes_exactly_once(
-    ray_local,  # noqa: F811
+    ray_local,
+    ray_run,
     tmp_path,
     monkeypatch,
 ):
     from sortedrl.commands import run as run_module
     from sortedrl.commands.train import train
 
-    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     on_update = run_module.Run.on_update
 
@@ -78,10 +86,10 @@ def test_a_killed_trainer_rank_stops_the_run_and_resume_finishes_exactly_once(
 
     monkeypatch.setattr(run_module.Run, "on_update", kill_rank_after_update_3)
     with pytest.raises(TrainerFailedError, match=r"trainer rank 1 died.*step-00000002"):
-        train(load_config(None, RAY), out, progress=False)
+        train(load_config(None, ray_run), out, progress=False)
     monkeypatch.setattr(run_module.Run, "on_update", on_update)
 
-    summary = train(load_config(None, [*RAY, "resume=auto"]), out, progress=False)
+    summary = train(load_config(None, [*ray_run, "resume=auto"]), out, progress=False)
     assert summary["resumed_from"].endswith("step-00000002")
     _balanced(summary)
     trained = _trained_prompts(out)

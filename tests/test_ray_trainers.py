@@ -12,15 +12,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("ray")
 
-from grpo_batches import make_batch  # noqa: E402
-from tiny_llama import tiny_llama  # noqa: E402
-
 from sortedrl.cluster.config import ClusterConfig  # noqa: E402
 from sortedrl.cluster.placement import Placement  # noqa: E402
 from sortedrl.cluster.trainers import RayTrainerGroup, TrainerRankDied  # noqa: E402
 from sortedrl.config import TrainConfig  # noqa: E402
 from sortedrl.training.trainer import GRPOTrainer  # noqa: E402
-from tests.ray_cluster import ray_local  # noqa: E402, F401
+from tests.grpo_batches import make_batch  # noqa: E402
+from tests.tiny_llama import tiny_llama  # noqa: E402
 
 SEED = 5
 # lr and adam_eps as in test_fsdp.py (see there why)
@@ -63,7 +61,7 @@ class Groups:
 
 
 @pytest.fixture
-def groups(ray_local):  # noqa: F811
+def groups(ray_local):
     made = Groups()
     yield made
     made.close()

@@ -1,4 +1,4 @@
-"""Rollout replicas as Ray actors (issue #9): the replica pool keeps the engine contract over
+"""Rollout replicas as Ray actors: the replica pool keeps the engine contract over
 2 transformers replicas, steps them concurrently, syncs weights into every replica, scores
 rewards in the replicas and survives a replica killed in the middle of rollout."""
 
@@ -23,20 +23,15 @@ from sortedrl.config import TrainConfig  # noqa: E402
 from sortedrl.scheduling.controller import Controller  # noqa: E402
 from sortedrl.scheduling.loop import run  # noqa: E402
 from sortedrl.scheduling.protocol import Request, UpdateResult  # noqa: E402
-from tests import test_engine_contract as contract  # noqa: E402
-from tests.ray_cluster import ray_local  # noqa: E402, F401
+from tests.engine_contract import (  # noqa: E402
+    EngineContract,
+    Harness,
+    drain,
+    tiny_greedy,
+    tiny_harness,
+)
 from tests.replica_fakes import SteppingReplica  # noqa: E402
 from tests.stepping_engine import UnitTrainer  # noqa: E402
-
-# The engine contract, run here against a pool of 2 replicas (the fixture `h` below).
-from tests.test_engine_contract import (  # noqa: E402, F401
-    test_abort_returns_a_partial_and_the_request_never_comes_back,
-    test_every_request_comes_back_exactly_once_within_capacity,
-    test_logprobs_match_a_forward_pass,
-    test_max_new_tokens_is_a_hard_cap,
-    test_new_weights_version_later_tokens,
-    test_pause_and_resume_continue_where_they_stopped,
-)
 
 CLUSTER = ClusterConfig(backend="ray", rollout_replicas=2)
 
@@ -49,7 +44,7 @@ def _greedy_cfg(capacity: int) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def placement(ray_local):  # noqa: F811
+def placement(ray_local):
     p = Placement(CLUSTER, "sorted", "cpu")
     p.start()
     yield p
@@ -67,18 +62,22 @@ def _without_stop(tok, model):
 
 @pytest.fixture(scope="module")
 def greedy_pool(placement):
-    tok, model = _without_stop(*contract.tiny_greedy())
+    tok, model = _without_stop(*tiny_greedy())
     pool = build_replica_pool(_greedy_cfg(3), model, tok, 0, placement, None)
     yield pool, tok, model
     pool.close()
 
 
 @pytest.fixture
-def h(greedy_pool) -> contract.Harness:
+def h(greedy_pool) -> Harness:
     pool, tok, model = greedy_pool
     pool.pause()  # whatever an earlier test left running
     pool.load_weights(model.state_dict(), 0)  # the contract model, as version 0
-    return contract.tiny_harness(pool, tok, model)
+    return tiny_harness(pool, tok, model)
+
+
+class TestThePoolKeepsTheEngineContract(EngineContract):
+    """The engine contract, against a pool of 2 replicas (the fixture `h` above)."""
 
 
 def _requests(n: int, max_new: list[int] | int, harness=None) -> list[Request]:
@@ -106,7 +105,7 @@ def _assert_time_balances(pool: ReplicaPool, reports) -> None:
 
 
 def test_a_step_returns_while_a_slower_replica_still_steps_and_settle_returns_the_rest(
-    ray_local,  # noqa: F811
+    ray_local,
 ):
     pool = _fake_pool([0.0, 2.0])
     try:
@@ -131,7 +130,7 @@ def test_a_step_returns_while_a_slower_replica_still_steps_and_settle_returns_th
 
 
 @pytest.mark.parametrize("call", ["pause", "abort", "load_weights"])
-def test_a_call_that_settles_keeps_what_finished_for_the_next_step(ray_local, call):  # noqa: F811
+def test_a_call_that_settles_keeps_what_finished_for_the_next_step(ray_local, call):
     pool = _fake_pool([0.0, 2.0])
     try:
         pool.submit(_requests(2, [4, 1]))  # r0 on the fast replica, r1 (1 token) on the slow
@@ -155,7 +154,7 @@ def test_a_call_that_settles_keeps_what_finished_for_the_next_step(ray_local, ca
 
 
 @pytest.mark.parametrize("call", ["pause", "load_weights"])
-def test_a_replica_found_dead_by_a_pause_or_a_weight_load_is_restarted(ray_local, call):  # noqa: F811
+def test_a_replica_found_dead_by_a_pause_or_a_weight_load_is_restarted(ray_local, call):
     pool = _fake_pool([0.0, 0.0])
     try:
         pool.submit(_requests(4, 6))  # r1, r3 on replica 1
@@ -192,17 +191,17 @@ def test_weight_sync_loads_the_same_weights_into_every_replica(placement, greedy
         spawn = replica_spawner(_greedy_cfg(3), model, tok, 0, placement, None)
         pool = ReplicaPool(spawn, 2, 0, weight_sync="broadcast")
     try:
-        _, new = _without_stop(*contract.tiny_greedy(seed=11))
+        _, new = _without_stop(*tiny_greedy(seed=11))
         pool.pause()
         seconds = pool.load_weights(new.state_dict(), 1)
         assert seconds > 0 and pool.stats["weight_sync_s"][-1] == seconds
-        harness = contract.tiny_harness(pool, tok, new)
+        harness = tiny_harness(pool, tok, new)
         reqs = _requests(12, 8, harness)
         pool.submit(reqs)
-        gens, _ = contract._drain(pool)
+        gens, _ = drain(pool)
         local = TransformersEngine(copy.deepcopy(new), tok, capacity=6, temperature=0.0)
         local.submit(reqs)
-        want, _ = contract._drain(local)
+        want, _ = drain(local)
         got = {g.request_id: (g.token_ids, g.version_spans) for g in gens}
         assert got == {g.request_id: (g.token_ids, [(1, g.n_tokens)]) for g in want}
         assert all(s["tokens_generated"] > 0 for s in pool.stats["replicas"])

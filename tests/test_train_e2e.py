@@ -11,25 +11,21 @@ pytest.importorskip("transformers")
 
 from sortedrl.config import load_config  # noqa: E402
 
-TINY = [
-    "task.train_prompts=16",
+# The tiny run with more held-out problems, a longer warm start, longer responses and the
+# default sampled evaluation, so every output has something in it.
+MORE = [
     "task.eval_prompts=8",
     "model.warm_start_steps=5",
-    "model.warm_start_batch=8",
-    "scheduler.group_size=2",
-    "rollout.capacity=8",
-    "scheduler.update_batch=2",
-    "scheduler.rollout_batch=4",
     "scheduler.max_new_tokens=32",
+    "eval.sampled=4",
 ]
 
 
-def test_train_writes_outputs_and_counts_balance(tmp_path, monkeypatch):
+def test_train_writes_outputs_and_counts_balance(tmp_path, cache, tiny_run):
     from sortedrl.commands.train import train
 
-    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, [*tiny_run, *MORE])
     summary = train(cfg, out, progress=False)
 
     for name in ("metrics.jsonl", "summary.json", "report.png"):
@@ -78,7 +74,7 @@ def test_train_writes_outputs_and_counts_balance(tmp_path, monkeypatch):
     )
 
     # The warm-started tiny model was cached and is reused.
-    cached = list((tmp_path / "cache").glob("tiny-*"))
+    cached = list(cache.glob("tiny-*"))
     assert len(cached) == 1 and (cached[0] / "config.json").is_file()
 
     # The run wrote its own length trace, which the simulator reads back.

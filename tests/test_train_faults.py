@@ -11,27 +11,16 @@ pytest.importorskip("transformers")
 
 from sortedrl.config import load_config  # noqa: E402
 
-TINY = [
-    "task.train_prompts=16",
-    "task.eval_prompts=4",
-    "model.warm_start_steps=3",
-    "model.warm_start_batch=8",
-    "scheduler.group_size=2",
-    "rollout.capacity=8",
-    "scheduler.update_batch=2",
-    "scheduler.rollout_batch=4",
-    "scheduler.max_new_tokens=16",
-    "checkpoint.every_updates=2",
-    "eval.sampled=0",
-]
+pytestmark = pytest.mark.usefixtures("cache")
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
+@pytest.fixture
+def tiny(tiny_run):
+    """The tiny run, checkpointed every 2 updates."""
+    return [*tiny_run, "checkpoint.every_updates=2"]
 
 
-def test_a_crashing_engine_is_restarted_and_the_run_completes(tmp_path, monkeypatch):
+def test_a_crashing_engine_is_restarted_and_the_run_completes(tiny, tmp_path, monkeypatch):
     from sortedrl.commands.train import train
     from sortedrl.engines.transformers_engine import TransformersEngine
 
@@ -49,16 +38,16 @@ def test_a_crashing_engine_is_restarted_and_the_run_completes(tmp_path, monkeypa
     monkeypatch.setattr(
         TransformersEngine, "close", lambda self: closed.append(self), raising=False
     )
-    s = train(load_config(None, TINY), tmp_path / "run", progress=False)
+    s = train(load_config(None, tiny), tmp_path / "run", progress=False)
     assert s["engine_restarts"] >= 1  # (eval runs on the engine class too: not every call is RL)
     # Each failed engine is closed before it is replaced; so are the two evaluations' engines
-    # (before and after: TINY has no periodic or sampled evaluation).
+    # (before and after: the tiny run has no periodic or sampled evaluation).
     assert len(closed) == s["engine_restarts"] + 2
     assert s["prompts_trained"] == 16 and s["prompts_in_flight"] == 0
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
 
 
-def test_an_engine_that_keeps_crashing_stops_with_a_checkpoint(tmp_path, monkeypatch):
+def test_an_engine_that_keeps_crashing_stops_with_a_checkpoint(tiny, tmp_path, monkeypatch):
     import sortedrl.commands.train as train_module
     from sortedrl.commands.train import train
     from sortedrl.engines.transformers_engine import TransformersEngine
@@ -84,11 +73,11 @@ def test_an_engine_that_keeps_crashing_stops_with_a_checkpoint(tmp_path, monkeyp
     with pytest.raises(
         SortedRLError, match=r"failed 3 time\(s\) in a row.*checkpoint written to .*resume"
     ):
-        train(load_config(None, [*TINY, "max_engine_failures=3"]), tmp_path / "run", progress=False)
+        train(load_config(None, [*tiny, "max_engine_failures=3"]), tmp_path / "run", progress=False)
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
-def test_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tiny, tmp_path, monkeypatch):
     from sortedrl.commands.train import NumericalError, train
     from sortedrl.training.trainer import GRPOTrainer
 
@@ -104,7 +93,7 @@ def test_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tmp_path, 
 
     monkeypatch.setattr(GRPOTrainer, "update", nan_after_four)
     with pytest.raises(NumericalError, match="3 updates in a row.*step-00000006.*intact"):
-        train(load_config(None, TINY), tmp_path / "run", progress=False)
+        train(load_config(None, tiny), tmp_path / "run", progress=False)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["skipped"] for x in lines] == [False] * 4 + [True] * 3
     from sortedrl.commands.checkpoint import latest_checkpoint
@@ -132,20 +121,22 @@ def test_untrusted_rewards_are_sandboxed_by_default(tmp_path):
     scorer.close()
 
 
-def test_resume_with_other_settings_is_refused_by_name(tmp_path):
+def test_resume_with_other_settings_is_refused_by_name(tiny, tmp_path):
     from sortedrl.commands.train import train
     from sortedrl.errors import ConfigError
 
     out = tmp_path / "run"
-    train(load_config(None, [*TINY, "max_updates=2"]), out, progress=False)
+    train(load_config(None, [*tiny, "max_updates=2"]), out, progress=False)
     with pytest.raises(ConfigError, match="settings differ.*trainer.lr"):
-        train(load_config(None, [*TINY, "trainer.lr=0.5", "resume=auto"]), out, progress=False)
+        train(load_config(None, [*tiny, "trainer.lr=0.5", "resume=auto"]), out, progress=False)
     # The same settings (a longer budget is not a setting of the run) go on.
-    s = train(load_config(None, [*TINY, "resume=auto"]), out, progress=False)
+    s = train(load_config(None, [*tiny, "resume=auto"]), out, progress=False)
     assert s["prompts_trained"] == 16 and s["resumed_from"]
 
 
-def test_async_engine_restart_never_copies_weights_the_trainer_is_changing(tmp_path, monkeypatch):
+def test_async_engine_restart_never_copies_weights_the_trainer_is_changing(
+    tiny, tmp_path, monkeypatch
+):
     """Under `async` the trainer changes the model in its own thread. An engine that fails in
     the middle of an update is restarted with the weights of the last finished update, not a
     copy of the half-updated model."""
@@ -194,7 +185,7 @@ def test_async_engine_restart_never_copies_weights_the_trainer_is_changing(tmp_p
     monkeypatch.setattr(TransformersEngine, "step", step_failing_mid_update)
     monkeypatch.setattr(Run, "restart_engine", restart_and_look)
     s = train(
-        load_config(None, [*TINY, "scheduler.policy=async"]), tmp_path / "run", progress=False
+        load_config(None, [*tiny, "scheduler.policy=async"]), tmp_path / "run", progress=False
     )
     assert len(seen) == 1 and seen[0] < 100.0, seen  # no +1000 of the half-done step
     assert s["engine_restarts"] == 1 and s["prompts_trained"] == 16

@@ -14,54 +14,42 @@ pytest.importorskip("transformers")
 from sortedrl.config import load_config  # noqa: E402
 from sortedrl.errors import ConfigError  # noqa: E402
 
-TINY = [
-    "task.train_prompts=16",
-    "task.eval_prompts=4",
-    "model.warm_start_steps=3",
-    "model.warm_start_batch=8",
-    "scheduler.group_size=2",
-    "rollout.capacity=8",
-    "scheduler.update_batch=2",
-    "scheduler.rollout_batch=4",
-    "scheduler.max_new_tokens=16",
-    "checkpoint.every_updates=2",
-    "eval.every_updates=0",
-    "eval.sampled=0",
-]
+pytestmark = pytest.mark.usefixtures("cache")
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
+@pytest.fixture
+def tiny(tiny_run):
+    """The tiny run, checkpointed every 2 updates, evaluated only before and after."""
+    return [*tiny_run, "checkpoint.every_updates=2", "eval.every_updates=0"]
 
 
-def test_a_rerun_into_the_same_out_is_refused_and_overwrite_starts_afresh(tmp_path):
+def test_a_rerun_into_the_same_out_is_refused_and_overwrite_starts_afresh(tiny, tmp_path):
     from sortedrl.commands.train import train
 
     out = tmp_path / "run"
-    train(load_config(None, [*TINY, "max_updates=4"]), out, progress=False)
+    train(load_config(None, [*tiny, "max_updates=4"]), out, progress=False)
     first = sorted(p.name for p in (out / "checkpoints").iterdir())
     with pytest.raises(ConfigError, match=r"previous run .*--resume auto.*--overwrite"):
-        train(load_config(None, [*TINY, "max_updates=2"]), out, progress=False)
+        train(load_config(None, [*tiny, "max_updates=2"]), out, progress=False)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first  # untouched
 
-    train(load_config(None, [*TINY, "max_updates=2"]), out, progress=False, overwrite=True)
+    train(load_config(None, [*tiny, "max_updates=2"]), out, progress=False, overwrite=True)
     # Only this run's checkpoint, and it survived its own pruning.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ConfigError, match="exclude each other"):
-        train(load_config(None, [*TINY, "resume=auto"]), out, progress=False, overwrite=True)
+        train(load_config(None, [*tiny, "resume=auto"]), out, progress=False, overwrite=True)
 
 
-def test_resume_refuses_another_model_by_name_and_adds_time_across_segments(tmp_path):
+def test_resume_refuses_another_model_by_name_and_adds_time_across_segments(tiny, tmp_path):
     from sortedrl.commands.train import train
 
     out = tmp_path / "run"
-    first = train(load_config(None, [*TINY, "max_updates=6"]), out, progress=False)
+    first = train(load_config(None, [*tiny, "max_updates=6"]), out, progress=False)
     # Another model: refused by the setting's name before its weights are loaded.
     with pytest.raises(ConfigError, match=r"settings differ.*model\.tiny_size"):
-        train(load_config(None, [*TINY, "model.tiny_size=micro", "resume=auto"]), out)
-    whole = train(load_config(None, [*TINY, "resume=auto"]), out, progress=False)
+        train(load_config(None, [*tiny, "model.tiny_size=micro", "resume=auto"]), out)
+    whole = train(load_config(None, [*tiny, "resume=auto"]), out, progress=False)
     assert whole["updates"] == 8 and whole["resumed_from"]
     # The second segment ran 2 of the 8 updates; the summary covers all of them.
     assert whole["loop_time_s"] > first["loop_time_s"]
@@ -78,13 +66,13 @@ def test_resume_refuses_another_model_by_name_and_adds_time_across_segments(tmp_
     assert whole["wall_time_s"] > first["wall_time_s"]
 
 
-def test_fresh_tokens_have_weight_one_at_any_rollout_temperature(tmp_path):
+def test_fresh_tokens_have_weight_one_at_any_rollout_temperature(tiny, tmp_path):
     """The trainer recomputes log-probs at the engine's temperature: in a `sync` update every
     token is fresh, so the importance weight and the ratio are exactly 1."""
     from sortedrl.commands.train import train
 
     out = tmp_path / "run"
-    tiny = [a for a in TINY if not a.startswith("scheduler.rollout_batch")]  # sync has none
+    tiny = [a for a in tiny if not a.startswith("scheduler.rollout_batch")]  # sync has none
     args = [*tiny, "rollout.temperature=0.7", "scheduler.policy=sync", "max_updates=2"]
     train(load_config(None, args), out, progress=False)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -94,13 +82,13 @@ def test_fresh_tokens_have_weight_one_at_any_rollout_temperature(tmp_path):
         assert abs(line["train/ratio_mean"] - 1.0) < 1e-4, line
 
 
-def test_evaluation_scores_through_the_runs_sandbox_and_reward_fn(tmp_path):
+def test_evaluation_scores_through_the_runs_sandbox_and_reward_fn(tiny, tmp_path):
     from sortedrl.commands.evaluate import evaluate_run
     from sortedrl.commands.prepare import prepare_model, problems_of
     from sortedrl.tasks.registry import build_task
     from sortedrl.tasks.scoring import make_scorer
 
-    base = [*TINY, "task.eval_prompts=2", "scheduler.max_new_tokens=4"]
+    base = [*tiny, "task.eval_prompts=2", "scheduler.max_new_tokens=4"]
     cfg = load_config(None, [*base, "task.reward_fns=[reward_fns:always_one]"])
     task = build_task(cfg.task)
     _, held_out = problems_of(cfg, task)

@@ -9,8 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tiny_llama import tiny_llama  # noqa: E402
-
 from sortedrl.errors import ConfigError  # noqa: E402
 from sortedrl.scheduling.protocol import (  # noqa: E402
     Trainer,
@@ -21,6 +19,7 @@ from sortedrl.scheduling.protocol import (  # noqa: E402
 from sortedrl.training.config import TrainerConfig  # noqa: E402
 from sortedrl.training.sft import encode_example, supervised_warm_start  # noqa: E402
 from sortedrl.training.trainer import GRPOTrainer, build_rows, lr_factor  # noqa: E402
+from tests.tiny_llama import tiny_llama  # noqa: E402
 
 PROMPT = [1, 5, 6, 7]
 RESPONSES = [[10, 11, 12, 2], [13, 14, 2], [15, 16, 17, 18, 19, 2], [20, 2]]

@@ -14,10 +14,9 @@ torch = pytest.importorskip("torch")
 from sortedrl.engines.vllm_engine import VLLMEngine, request_seed  # noqa: E402
 from sortedrl.models.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
 from sortedrl.scheduling.protocol import Partial, Request  # noqa: E402
+from tests.engine_contract import ALPHABET, HEADS  # noqa: E402
 
-ALPHABET = "0123456789abcdefghij+-=:\n"
 TEMPERATURE = 0.7
-HEADS = dict(num_attention_heads=2, num_key_value_heads=1)  # head size 32 (vLLM's CPU minimum)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from sortedrl.cluster.replicas import build_replica_pool  # noqa: E402
 from sortedrl.config import TrainConfig  # noqa: E402
 from sortedrl.models.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
 from sortedrl.scheduling.protocol import Request  # noqa: E402
-from tests.ray_cluster import ray_local  # noqa: E402, F401
-from tests.test_vllm_engine import ALPHABET, HEADS  # noqa: E402
+from tests.engine_contract import ALPHABET, HEADS  # noqa: E402
 
 
 def _req(i: int, max_new: int) -> Request:
@@ -35,7 +34,7 @@ def _drain(pool) -> dict:
     raise AssertionError("the pool made no progress")
 
 
-def test_a_vllm_replica_generates_and_takes_new_weights(ray_local):  # noqa: F811
+def test_a_vllm_replica_generates_and_takes_new_weights(ray_local):
     tok = build_char_tokenizer(ALPHABET)
     model = build_tiny_model(len(tok), seed=5, size="micro", **HEADS)
     cfg = TrainConfig.model_validate(

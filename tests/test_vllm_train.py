@@ -12,28 +12,29 @@ pytest.importorskip("torch")
 
 from sortedrl.config import load_config  # noqa: E402
 
-TINY = [
-    "rollout.engine=vllm",
-    "task.train_prompts=16",
-    "task.eval_prompts=8",
-    "model.warm_start_steps=5",
-    "model.warm_start_batch=8",
-    "scheduler.group_size=2",
-    "rollout.capacity=8",
-    "scheduler.update_batch=2",
-    "scheduler.rollout_batch=4",
-    "scheduler.max_new_tokens=32",
-]
+pytestmark = pytest.mark.usefixtures("cache")
 
 
-def test_train_on_vllm_then_resume_from_its_checkpoint(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny(tiny_run):
+    """The tiny run on vLLM, with longer responses and the default sampled evaluation."""
+    return [
+        "rollout.engine=vllm",
+        *tiny_run,
+        "task.eval_prompts=8",
+        "model.warm_start_steps=5",
+        "scheduler.max_new_tokens=32",
+        "eval.sampled=4",
+    ]
+
+
+def test_train_on_vllm_then_resume_from_its_checkpoint(tiny, tmp_path):
     from sortedrl.commands.train import train
 
-    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    first = train(load_config(None, [*TINY, "max_updates=2"]), out, progress=False)
+    first = train(load_config(None, [*tiny, "max_updates=2"]), out, progress=False)
     assert first["updates"] == 2
-    s = train(load_config(None, [*TINY, "resume=auto"]), out, progress=False)
+    s = train(load_config(None, [*tiny, "resume=auto"]), out, progress=False)
     assert s["resumed_from"]
     assert "weight_loads" in first["engine_stats"]  # the vLLM engine ran, not another
     assert s["prompts_trained"] + s["prompts_dropped"] == s["prompts_admitted"] == 16
@@ -42,15 +43,14 @@ def test_train_on_vllm_then_resume_from_its_checkpoint(tmp_path, monkeypatch):
     assert len(lines) == s["updates"] > 2
 
 
-def test_eval_on_vllm_scores_like_the_transformers_engine(tmp_path, monkeypatch):
+def test_eval_on_vllm_scores_like_the_transformers_engine(tiny, tmp_path):
     from click.testing import CliRunner
 
     from sortedrl.cli import main
     from sortedrl.commands.prepare import prepare_model
     from sortedrl.tasks.registry import build_task
 
-    monkeypatch.setenv("SORTEDRL_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, tiny)
     model, tokenizer = prepare_model(cfg, build_task(cfg.task))  # the warm-started model
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")

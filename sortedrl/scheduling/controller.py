@@ -1,23 +1,9 @@
 """The stateful controller: owns every prompt and response, decides admission, updates, what
 each update trains, and what happens to stale work.
 
-The algorithm, as docs/design.md ("The algorithm as built") describes it:
-
-1. Admit prompts as the policy says (sorted: a round of `rollout_batch` prompts), each as a
-   group of `group_size` responses; submit them to the engine as its slots free, resumed
-   partials and protected groups first.
-2. Record finished responses in the rollout buffer. Responses finish roughly in length order,
-   so groups complete short first.
-3. Once `update_batch` groups are complete (and no protected group is still generating), the
-   update trains `update_batch` complete groups: protected ones first, then those whose oldest
-   token is oldest (closest to the staleness limit), then in completion order. Groups made
-   under one version complete short first, so within a round updates go from short to long,
-   a micro-curriculum; a long group carried over from an earlier version goes ahead of them.
-4. After the update every piece of work still held is checked against the staleness limit
-   (`drop`: 0, `keep`: `max_staleness`): work that could no longer be trained within the limit
-   is discarded (its tokens counted as wasted) and regenerated from scratch, the rest resumes.
-   A prompt whose work was discarded more than `max_regenerations` times becomes protected:
-   updates wait for its group to complete, so it is trained on-policy and cannot starve.
+The algorithm it carries out is told once, in docs/design.md ("The algorithm as built"):
+admission, submission order, completion, the update trigger, what an update trains, the
+staleness check after it and protection against starvation. Read that page beside this file.
 
 Every admitted prompt ends trained or dropped with a counted reason (see `Ledger`).
 """
