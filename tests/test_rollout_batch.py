@@ -10,7 +10,6 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from stepping_engine import SteppingEngine, UnitTrainer
 
 from sortedrl.scheduling.config import FIXED_ROLLOUT_BATCH, SchedulerConfig
 from sortedrl.scheduling.controller import Controller
@@ -22,6 +21,7 @@ from sortedrl.scheduling.rollout_batch import (
     predict,
 )
 from sortedrl.scheduling.state import PromptSpec
+from tests.stepping_engine import SteppingEngine, UnitTrainer
 
 # --- the model ------------------------------------------------------------------------------
 
