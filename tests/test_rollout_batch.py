@@ -30,28 +30,20 @@ def test_equal_lengths_follow_littles_law():
     # G = 1, every response L long: E[M] = E[S] = L, so T = U L / (R - U/2) and the engine runs
     # R - U/2 responses; nothing outruns a window of (K + 1/2) T >= T.
     groups = [[100]] * 50
-    p = predict(groups, 12, interval_scale=None, update_batch=8, capacity=1000, staleness_limit=1)
+    p = predict(groups, 12, update_batch=8, capacity=1000, staleness_limit=1)
     assert p.interval == pytest.approx(8 * 100 / (12 - 4))
     assert p.running == pytest.approx(8)
     assert p.wait == 0.0
     # Past the capacity, T is bound by it: U E[S] / C.
-    p = predict(groups, 200, interval_scale=None, update_batch=8, capacity=10, staleness_limit=1)
+    p = predict(groups, 200, update_batch=8, capacity=10, staleness_limit=1)
     assert p.running == 10
     assert p.interval == pytest.approx(8 * 100 / 10)
-
-
-def test_a_measured_scale_replaces_littles_law():
-    groups = [[100, 50]] * 20
-    p = predict(groups, 12, interval_scale=2000.0, update_batch=8, capacity=100, staleness_limit=0)
-    assert p.interval == pytest.approx(2000.0 / 8)
 
 
 def test_the_wait_is_the_longest_overrun_of_an_update():
     # 99 groups of 10 and one of 1000, U = 100: the quantile 1 - 1/U is the long one.
     groups = [[10]] * 99 + [[1000]]
-    p = predict(
-        groups, 150, interval_scale=None, update_batch=100, capacity=10**6, staleness_limit=0
-    )
+    p = predict(groups, 150, update_batch=100, capacity=10**6, staleness_limit=0)
     window = 0.5 * p.interval
     assert p.wait == pytest.approx(1000 - window)
 
@@ -59,16 +51,14 @@ def test_the_wait_is_the_longest_overrun_of_an_update():
 def test_equal_lengths_fill_the_engine_and_a_tail_holds_r_back():
     u, cap = 8, 64
     flat = [[50] * 4] * 40
-    r_flat = best_rollout_batch(
-        flat, interval_scale=None, update_batch=u, capacity=cap, staleness_limit=2
-    )
+    r_flat = best_rollout_batch(flat, update_batch=u, capacity=cap, staleness_limit=2)
     # No group outruns its window, so fewer steps per update all the way to the R that fills
     # the engine: the last candidate.
-    last = candidates(flat, interval_scale=None, update_batch=u, capacity=cap, staleness_limit=2)
+    last = candidates(flat, update_batch=u, capacity=cap, staleness_limit=2)
     assert r_flat == last[-1].rollout_batch and last[-1].running >= cap
     rng = random.Random(0)
     tail = [[int(rng.lognormvariate(3.5, 1.2)) + 1 for _ in range(4)] for _ in range(40)]
-    kw = {"interval_scale": None, "update_batch": u, "capacity": cap, "staleness_limit": 2}
+    kw = {"update_batch": u, "capacity": cap, "staleness_limit": 2}
     r_tail = best_rollout_batch(tail, **kw)
     # The long groups would hold updates back: the rule stops short of filling the engine.
     assert u <= r_tail < candidates(tail, **kw)[-1].rollout_batch
@@ -81,10 +71,9 @@ def test_equal_lengths_fill_the_engine_and_a_tail_holds_r_back():
     u=st.integers(1, 64),
     cap=st.integers(1, 2000),
     k=st.integers(0, 3),
-    scale=st.one_of(st.none(), st.floats(1.0, 1e7)),
 )
-def test_the_choice_is_a_candidate_at_least_u(groups, u, cap, k, scale):
-    kw = {"interval_scale": scale, "update_batch": u, "capacity": cap, "staleness_limit": k}
+def test_the_choice_is_a_candidate_at_least_u(groups, u, cap, k):
+    kw = {"update_batch": u, "capacity": cap, "staleness_limit": k}
     ps = candidates(groups, **kw)
     r = best_rollout_batch(groups, **kw)
     assert r >= u and r in {p.rollout_batch for p in ps}

@@ -133,6 +133,12 @@ def test_sweep_on_a_dump_prints_the_table_and_a_recommendation(tmp_path):
     assert rows["sync"]["goodput_vs_sync"] == 1.0
 
 
+def test_sweep_with_an_update_batch_over_the_fixed_default(tmp_path):
+    # partial's R is 4U in the sweep, whatever its fixed default (32) would allow.
+    res = _run(["--sweep", "--preset", "test-tiny", "--prompts", "80", "--update-batch", "40"])
+    assert res.exit_code == 0, res.output
+
+
 def test_sweep_on_a_length_spec(tmp_path):
     res = _run(
         [

@@ -328,12 +328,8 @@ class Controller:
         # Cached partials resume first; everything held is then checked against the limit.
         for seq in self.buffer.take_cached():
             self._enqueue(seq, _RESUME)
-        wasted_before = self.ledger.regenerations
         to_abort = self._enforce_staleness()
         if self._rule is not None and self._rule.rollout_batch is not None:
-            assert self._lengths is not None  # the rule keeps a length history
-            clean = not to_abort and self.ledger.regenerations == wasted_before
-            self._rule.update_done(self._lengths.steps, clean and not self._n_protected)
             oldest = next(
                 (g.order for g in self._groups.values() if g.state is GroupState.ACTIVE),
                 self._admitted,

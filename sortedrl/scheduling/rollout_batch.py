@@ -32,10 +32,10 @@ is the one whose window (K + 1/2) T just holds M_q (or the R that fills the engi
 comes first). With K = 0 (`cache=drop`) an overrun always costs the long group's whole length
 and a larger R still shortens T, so the rule fills the engine.
 
-T is calibrated on the engine: Little's law says T (R - U/2) is the same at every R, and the
-rule uses the median of that product over recent updates that discarded nothing and waited for
-no protected group (its measured intervals, from the controller's step estimates), and U E[M]
-until it has one.
+T is not calibrated on the measured update intervals: an interval measured at R includes the
+waits and restarts that R caused, so a calibrated T grew with the rule's own waste and R with it
+(at `max_staleness` 1 it climbed to 4.5U with 39% of tokens discarded). The rule is a function
+of the lengths and the engine's capacity alone.
 
 The lengths are those of completed groups (siblings together). Groups complete short first, so
 the groups completed so far are a biased sample until every group admitted before them has
@@ -44,7 +44,7 @@ completed too: the rule uses only that unbiased prefix of admission order, its m
 learns), and decides once it holds U groups. Until then it runs R0 = U / 2 + C / G, the R that
 fills the engine by the model when every response runs as long as its group's longest.
 
-Everything is a function of what the controller observed (lengths, step reports, the engine's
+Everything is a function of what the controller observed (completed lengths, the engine's
 capacity), so a run is deterministic for a seed; the state goes into the controller checkpoint.
 """
 
@@ -58,7 +58,7 @@ from typing import Any
 # Candidate rollout batches are U (1 + j / GRID), j = 0, 1, ...: a quarter of an update batch
 # is finer than the goodput differences the model can resolve.
 GRID = 4
-# Groups the length estimate rests on, and intervals T is calibrated on, in updates.
+# Groups the length estimate rests on, in update batches.
 WINDOW_UPDATES = 8
 
 
@@ -77,9 +77,6 @@ class WindowFitRule:
         self._pending: dict[int, list[int]] = {}
         self._prefix: deque[list[int]] = deque(maxlen=WINDOW_UPDATES * update_batch)
         self._next_order = 0  # the admission order the unbiased prefix has reached
-        # T (R - U/2) of recent clean updates: calibrates T on this engine.
-        self._scales: deque[float] = deque(maxlen=WINDOW_UPDATES)
-        self._steps_at_update = 0.0
 
     # --- observations -----------------------------------------------------------------------
     def set_capacity(self, capacity: int) -> None:
@@ -103,14 +100,6 @@ class WindowFitRule:
                 self._prefix.append(lengths)
             self._next_order += 1
 
-    def update_done(self, steps: float, clean: bool) -> None:
-        """An update finished at `steps` decode steps since the start; `clean`: it discarded
-        nothing and no protected group held it back, so its interval measures T at this R."""
-        interval = steps - self._steps_at_update
-        self._steps_at_update = steps
-        if clean and interval > 0 and self.rollout_batch is not None:
-            self._scales.append(interval * max(self.rollout_batch - self.update_batch / 2, 0.5))
-
     # --- the decision -----------------------------------------------------------------------
     def decide(self) -> int:
         """Re-estimate R (module docstring); returns the current R."""
@@ -118,19 +107,11 @@ class WindowFitRule:
         if len(self._prefix) >= self.update_batch:
             self.rollout_batch = best_rollout_batch(
                 list(self._prefix),
-                interval_scale=self.interval_scale,
                 update_batch=self.update_batch,
                 capacity=self.capacity,
                 staleness_limit=self.staleness_limit,
             )
         return self.rollout_batch
-
-    @property
-    def interval_scale(self) -> float | None:
-        """The measured T (R - U/2): the median over recent clean updates; None before one."""
-        if not self._scales:
-            return None
-        return sorted(self._scales)[len(self._scales) // 2]
 
     # --- checkpoint -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -141,8 +122,6 @@ class WindowFitRule:
             "pending": [[o, ls] for o, ls in sorted(self._pending.items())],
             "prefix": [list(ls) for ls in self._prefix],
             "next_order": self._next_order,
-            "scales": list(self._scales),
-            "steps_at_update": self._steps_at_update,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -154,9 +133,6 @@ class WindowFitRule:
         self._prefix.clear()
         self._prefix.extend([int(x) for x in ls] for ls in state["prefix"])
         self._next_order = int(state["next_order"])
-        self._scales.clear()
-        self._scales.extend(float(x) for x in state["scales"])
-        self._steps_at_update = float(state["steps_at_update"])
 
 
 @dataclass(frozen=True)
@@ -177,20 +153,17 @@ def predict(
     groups: Sequence[Sequence[int]],
     rollout_batch: int,
     *,
-    interval_scale: float | None,
     update_batch: int,
     capacity: int,
     staleness_limit: int,
 ) -> Prediction:
-    """The model of the module docstring at this R, from these groups' sibling lengths;
-    `interval_scale`: the measured T (R - U/2), or None for Little's law's U E[M]."""
+    """The model of the module docstring at this R, from these groups' sibling lengths."""
     u, n = update_batch, len(groups)
     longest = [max(ls) for ls in groups]
     mean_max = sum(longest) / n
     mean_sum = sum(sum(ls) for ls in groups) / n
     active = max(rollout_batch - u / 2, 0.5)  # R - U/2 (at least half a group)
-    scale = u * mean_max if interval_scale is None else interval_scale
-    interval = max(scale / active, u * mean_sum / capacity)
+    interval = max(u * mean_max / active, u * mean_sum / capacity)
     window = (staleness_limit + 0.5) * interval
     over = sorted(max(0.0, m - window) for m in longest)
     wait = over[min(n - 1, int(n * (1 - 1 / u)))]
@@ -201,7 +174,6 @@ def predict(
 def best_rollout_batch(
     groups: Sequence[Sequence[int]],
     *,
-    interval_scale: float | None,
     update_batch: int,
     capacity: int,
     staleness_limit: int,
@@ -211,7 +183,6 @@ def best_rollout_batch(
     return min(
         candidates(
             groups,
-            interval_scale=interval_scale,
             update_batch=update_batch,
             capacity=capacity,
             staleness_limit=staleness_limit,
@@ -223,7 +194,6 @@ def best_rollout_batch(
 def candidates(
     groups: Sequence[Sequence[int]],
     *,
-    interval_scale: float | None,
     update_batch: int,
     capacity: int,
     staleness_limit: int,
@@ -236,7 +206,6 @@ def candidates(
         p = predict(
             groups,
             r,
-            interval_scale=interval_scale,
             update_batch=u,
             capacity=capacity,
             staleness_limit=staleness_limit,
