@@ -243,6 +243,12 @@ def plot(summaries: dict[str, dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=130)
 
 
+def write_json(args: argparse.Namespace, summaries: dict, per_seed: dict) -> None:
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    doc = {"settings": vars(args), "summaries": summaries, "per_seed": per_seed}
+    Path(args.json).write_text(json.dumps(doc, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=1024)
@@ -266,14 +272,14 @@ def main() -> None:
         per_seed[name] = [run_family(name, args.prompts, args.epochs, s, u) for s in seeds]
         summaries[name] = {"half": FAMILIES[name][0], **summarise(per_seed[name])}
         print_family(name, FAMILIES[name][0], summaries[name], u)
+        # Written after every family, so a long run stopped part-way keeps what it measured.
+        write_json(args, summaries, per_seed)
     for half in (TUNING, HELD_OUT):
         part = {n: s for n, s in summaries.items() if s["half"] == half}
         if part:
             print_half(half, part)
     print(f"\n{time.perf_counter() - t0:.0f} s")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    doc = {"settings": vars(args), "summaries": summaries, "per_seed": per_seed}
-    Path(args.json).write_text(json.dumps(doc, indent=1))
+    write_json(args, summaries, per_seed)
     plot(summaries, args.plot)
     print(f"wrote {args.json}, {args.plot}")
 
