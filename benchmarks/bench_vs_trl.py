@@ -103,7 +103,7 @@ def held_out_accuracy(model_dir: Path, test_path: Path, n: int, max_new_tokens: 
     from sortedrl.tasks.dataset import DatasetTask
 
     model, tokenizer = load_tiny(model_dir)
-    task = DatasetTask(path=str(test_path), test_path=str(test_path), prompt_key="prompt")
+    task = DatasetTask(path=str(test_path), eval_path=str(test_path), prompt_key="prompt")
     problems = task.problems("test", n, seed=0)
     res = evaluate(model, tokenizer, ExactReverse(), problems, max_new_tokens=max_new_tokens)
     return res["accuracy"]

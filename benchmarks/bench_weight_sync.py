@@ -1,5 +1,5 @@
 """Weight sync of the Ray replica pool: seconds per update for N replicas of the embedded
-tiny model (issue #9, item 3).
+tiny model.
 
 Starts a local Ray instance and a pool of `--replicas` transformers replicas, then loads
 `--updates` fresh state dicts into it (what the run does after every update), with each

@@ -1,164 +1,31 @@
 """`sortedrl train` settings: a YAML file plus dotted overrides (`scheduler.group_size=8`).
 
-Every section is a pydantic model with documented fields; an unknown or invalid field is an
-error that names it (`scheduler.update_batch: ...`).
+This module assembles `TrainConfig` from the sections, each declared in the layer that reads
+it (`engines/config.py`: model, rollout; `tasks/config.py`: task; `scheduling/config.py`,
+`training/config.py`, `cluster/config.py`), and holds the run's own sections (eval,
+checkpoint, logging) and the overrides. Every section is a pydantic model with documented
+fields; an unknown or invalid field is an error that names it (`scheduler.update_batch: ...`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sortedrl.cluster.config import ClusterConfig
+from sortedrl.engines.config import ModelConfig, RolloutConfig
 from sortedrl.engines.factory import check_engine_name
 from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import SchedulerConfig
+from sortedrl.tasks.config import TaskConfig
 from sortedrl.training.config import TrainerConfig
 
 
-class ModelSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str | None = Field(
-        None, description="a Hugging Face model directory; empty: the embedded tiny model"
-    )
-    tiny_size: str = Field("default", description="size of the embedded tiny model")
-    warm_start_steps: int = Field(
-        150, ge=0, description="supervised steps on task solutions before RL (tiny model only)"
-    )
-    warm_start_examples: int = Field(
-        2048, ge=1, description="distinct task solutions the warm start draws from"
-    )
-    warm_start_batch: int = Field(32, ge=1)
-    warm_start_lr: float = Field(3e-3, gt=0)
-    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
-
-
-class TaskSection(BaseModel):
-    """What to train on and how it is scored; `dataset` and `math` read your files
-    (`sortedrl.tasks.dataset`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["reverse", "countdown", "knights_knaves", "math", "dataset"] = "reverse"
-    path: str | None = Field(
-        None,
-        description="math, dataset: training data, a JSONL, JSON or Parquet file or a directory "
-        "saved with datasets' save_to_disk (of a DatasetDict: its train split)",
-    )
-    eval_path: str | None = Field(
-        None,
-        description="math, dataset: held-out data in the same formats (of a DatasetDict: its "
-        "test or validation split); empty: the held-out split of a saved DatasetDict at path, "
-        "or else 10% of path's records, chosen by a hash of the prompt",
-    )
-    prompt_key: str | None = Field(
-        None,
-        description="math, dataset: the column holding the prompt; empty: 'problem' or "
-        "'question' (any case)",
-    )
-    answer_key: str | None = Field(
-        None,
-        description="math, dataset: the column holding the reference answer (a \\boxed{} in it "
-        "gives the boxed part); empty: 'answer', or the last \\boxed{} of 'solution'",
-    )
-    prompt_template: str | None = Field(
-        None,
-        description="math, dataset: the text given to the model, with {problem} standing for "
-        "the prompt column; '': the prompt as it is; empty: the task's own (math: the prompt "
-        "and 'Please reason step by step, and put your final answer within \\boxed{}.'; "
-        "dataset: the prompt as it is)",
-    )
-    chat_template: bool = Field(
-        True,
-        description="wrap each prompt in the tokenizer's chat template as a user message, where "
-        "the tokenizer has one; false: the prompt's tokens as they are (BOS prepended)",
-    )
-    train_prompts: int = Field(
-        6000,
-        ge=1,
-        description="prompts of RL data; a file with fewer records is gone through again, "
-        "reshuffled, and each pass is an epoch (`epoch` in metrics.jsonl, `epochs` in "
-        "summary.json)",
-    )
-    eval_prompts: int = Field(200, ge=1, description="held-out prompts per evaluation")
-    reward_fns: list[str] = Field(
-        default_factory=list,
-        description="your own rewards, each 'package.module:function', either "
-        "fn(problem, response) -> float or TRL's fn(completions, **kwargs) -> list[float] (the "
-        "dataset's other columns come as keyword lists); summed with reward_weights; empty: "
-        "the task's own verifier",
-    )
-    reward_weights: list[float] | None = Field(
-        None, description="one weight per reward_fns entry; empty: 1 each"
-    )
-    reward_timeout_s: float = Field(5.0, gt=0, description="hard limit per reward call")
-    reward_workers: int | None = Field(
-        None,
-        ge=0,
-        description="reward worker processes, each call under a hard time limit; 0 scores "
-        "in-process without one; empty: 2 for math, dataset and your own reward_fns "
-        "(untrusted output meets sympy or unknown code), 0 for the built-in linear-time "
-        "verifiers",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "reward_fn" in data:
-            raise ValueError(
-                "reward_fn is now reward_fns, a list: task.reward_fns=['package.module:function']"
-            )
-        return data
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TaskSection:
-        reads_files = self.name in ("math", "dataset")
-        if reads_files and not self.path:
-            raise ValueError(f"task {self.name!r} needs task.path (a data file or directory)")
-        if not reads_files:
-            given = [
-                k
-                for k in ("path", "eval_path", "prompt_key", "answer_key", "prompt_template")
-                if getattr(self, k) is not None
-            ]
-            if given:
-                raise ValueError(
-                    f"{', '.join(given)}: only the math and dataset tasks read files, not "
-                    f"{self.name!r}"
-                )
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_fns):
-            raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} entries for "
-                f"{len(self.reward_fns)} reward_fns"
-            )
-        if self.prompt_template and "{problem}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain {problem} (or be '' for the raw prompt)")
-        return self
-
-
-class RolloutSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    engine: Literal["transformers", "vllm"] = "transformers"
-    capacity: int = Field(
-        64,
-        ge=1,
-        description="engine capacity C: sequences run at once (per replica: the replica pool of "
-        "cluster.rollout_replicas runs their sum)",
-    )
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    pause_for_update: bool | None = Field(
-        None,
-        description="pause the engine and free its KV cache for each update, re-prefilling the "
-        "partial responses after it (colocated on a GPU); false: keep the cache and go on "
-        "under the new weights; empty: pause unless the model runs on the CPU",
-    )
-
-
-class EvalSection(BaseModel):
+class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     every_updates: int = Field(
         250, ge=0, description="evaluate every N updates, besides before and after (0: never)"
@@ -173,7 +40,7 @@ class EvalSection(BaseModel):
     )
 
 
-class LoggingSection(BaseModel):
+class LoggingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     wandb: bool = Field(
         False,
@@ -186,7 +53,7 @@ class LoggingSection(BaseModel):
     )
 
 
-class CheckpointSection(BaseModel):
+class CheckpointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     every_updates: int = Field(
         20, ge=0, description="checkpoint every N updates (0: only at the end)"
@@ -199,20 +66,20 @@ class TrainConfig(BaseModel):
     seed: int = Field(
         0, description="the run's seed: data, model init, sampling, the trainer's mini-batches"
     )
-    model: ModelSection = ModelSection()
-    task: TaskSection = TaskSection()
-    rollout: RolloutSection = RolloutSection()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
     scheduler: SchedulerConfig = Field(
         SchedulerConfig(),
         description="policy, batches, staleness and response cap (group_size, max_new_tokens)",
     )
     trainer: TrainerConfig = TrainerConfig(lr=1e-4, warmup_steps=2, max_grad_norm=1.0)
-    eval: EvalSection = EvalSection()
+    eval: EvalConfig = EvalConfig()
     cluster: ClusterConfig = Field(
         ClusterConfig(), description="where replicas and trainer ranks run (local or Ray)"
     )
-    checkpoint: CheckpointSection = CheckpointSection()
-    logging: LoggingSection = LoggingSection()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
     resume: str | None = Field(
         None,
         description="'auto': go on from the newest complete checkpoint of the run directory "

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sortedrl.scheduling.protocol import (
+    EngineBase,
     Generation,
     Request,
     StepReport,
@@ -18,7 +19,7 @@ from sortedrl.scheduling.protocol import (
 )
 
 
-class SteppingEngine:
+class SteppingEngine(EngineBase):
     def __init__(self, capacity: int, length: Callable[..., int], by_epoch: bool = False) -> None:
         self._capacity = capacity
         self._length = length  # (prompt_id, sample_index, attempt[, epoch]) -> length

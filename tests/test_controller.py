@@ -296,6 +296,8 @@ class Settling(SteppingEngine):
     """Holds back what finishes on odd-numbered prompts while other work runs, as the Ray
     replica pool does with a slow replica's step still in flight; `settle` reports it."""
 
+    steps_in_flight = True
+
     def __init__(self, capacity, length, calls):
         super().__init__(capacity, length)
         self.calls, self.held, self.prompt_of = calls, [], {}

@@ -56,7 +56,7 @@ def test_engine_failures_are_survived_and_counts_balance(policy):
         first,
         UnitTrainer(),
         restart_engine=restart,
-        max_engine_restarts=2,
+        max_engine_failures=3,
     )
     s = res.summary
     assert res.engine_restarts >= 1
@@ -79,7 +79,7 @@ def test_an_engine_that_keeps_failing_stops_the_run_cleanly():
             Flaky(5, _lengths, fail_at={4}),
             UnitTrainer(),
             restart_engine=restart,
-            max_engine_restarts=2,
+            max_engine_failures=3,
         )
     # Nothing is lost: the controller holds every response and can be checkpointed.
     state = controller_state(ctl)

@@ -74,7 +74,7 @@ def test_math_is_the_dataset_task_with_its_prompt(tmp_path):
 
 def test_epochs_are_recorded_when_the_file_is_smaller_than_train_prompts(tmp_path):
     f = write_jsonl(tmp_path / "add.jsonl", ROWS)
-    task = DatasetTask(path=str(f), test_path=str(f), prompt_key="q", answer_key="gold")
+    task = DatasetTask(path=str(f), eval_path=str(f), prompt_key="q", answer_key="gold")
     probs = task.problems("train", 7, seed=3)
     # 3 records, 7 prompts: epochs 0, 0, 0, 1, 1, 1, 2, each epoch a permutation of the file.
     assert [p.meta["epoch"] for p in probs] == [0, 0, 0, 1, 1, 1, 2]
@@ -107,7 +107,7 @@ def test_default_verifier_reads_a_plain_answer_on_the_last_line():
 )
 def test_bad_records_name_file_line_and_field(tmp_path, rows, line, field, words):
     f = write_jsonl(tmp_path / "bad.jsonl", rows)
-    task = DatasetTask(path=str(f), test_path=str(f), prompt_key="q", answer_key="gold")
+    task = DatasetTask(path=str(f), eval_path=str(f), prompt_key="q", answer_key="gold")
     with pytest.raises(InputFileError) as e:
         task.problems("train", 1, 0)
     assert f"bad.jsonl:{line}: field '{field}': " in str(e.value) and words in str(e.value)
@@ -128,7 +128,7 @@ def test_parquet(tmp_path):
 
     f = tmp_path / "add.parquet"
     pq.write_table(pa.Table.from_pylist([{"q": r["q"], "gold": str(r["gold"])} for r in ROWS]), f)
-    task = DatasetTask(path=str(f), test_path=str(f), prompt_key="q", answer_key="gold")
+    task = DatasetTask(path=str(f), eval_path=str(f), prompt_key="q", answer_key="gold")
     assert sorted(p.answer for p in task.problems("train", 3, 0)) == ["19", "42", "7"]
 
 
@@ -147,7 +147,7 @@ def test_saved_dataset_dict_gives_train_and_test_splits(tmp_path):
     assert task.num_records("train") == 4
     only_train = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"q": "1="}] * 2)})
     only_train.save_to_disk(str(tmp_path / "dd2"))
-    held_out = DatasetTask(path=str(tmp_path / "dd2"), test_path=str(tmp_path / "dd2"))
+    held_out = DatasetTask(path=str(tmp_path / "dd2"), eval_path=str(tmp_path / "dd2"))
     with pytest.raises(InputFileError, match=r"dd2: has no 'test' or 'validation' split"):
         held_out.problems("test", 1, 0)
     # A single saved Dataset is read as it is; a record number names a bad row.
@@ -155,7 +155,7 @@ def test_saved_dataset_dict_gives_train_and_test_splits(tmp_path):
         str(tmp_path / "one")
     )
     one = str(tmp_path / "one")
-    bad = DatasetTask(path=one, test_path=one, prompt_key="q", answer_key="gold")
+    bad = DatasetTask(path=one, eval_path=one, prompt_key="q", answer_key="gold")
     with pytest.raises(InputFileError, match=r"one:2: field 'q': is empty"):
         bad.problems("train", 1, 0)
 

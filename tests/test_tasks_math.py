@@ -3,15 +3,9 @@ import json
 import pytest
 
 from sortedrl.errors import ConfigError, InputFileError
+from sortedrl.tasks.answers import extract_answer, last_boxed, score_response
 from sortedrl.tasks.base import Problem
-from sortedrl.tasks.math import (
-    MathTask,
-    extract_answer,
-    last_boxed,
-    load_eval_set,
-    load_math_file,
-    score_response,
-)
+from sortedrl.tasks.math import MathTask, load_eval_set, load_math_file
 
 ROWS = [
     {"problem": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}"},
@@ -121,7 +115,7 @@ def test_task_problems_and_splits(tmp_path):
     assert "\\boxed{}" in train[0].prompt and "What is" in train[0].prompt
     # Separate test file; cycling when asked for more than the file holds.
     g = write_jsonl(tmp_path / "test.jsonl", ROWS)
-    task2 = MathTask(path=str(f), test_path=str(g))
+    task2 = MathTask(path=str(f), eval_path=str(g))
     test = task2.problems("test", 12, seed=0)
     assert len(test) == 12 and len({p.prompt for p in test}) == len(ROWS)
     with pytest.raises(ConfigError):
@@ -177,7 +171,7 @@ def test_score_no_answer(response):
 
 def test_task_scores_from_file(tmp_path):
     task = MathTask(
-        path=str(write_jsonl(tmp_path / "m.jsonl", ROWS)), test_path=str(tmp_path / "m.jsonl")
+        path=str(write_jsonl(tmp_path / "m.jsonl", ROWS)), eval_path=str(tmp_path / "m.jsonl")
     )
     for p in task.problems("test", 5, seed=0):
         assert task.score(p, f"\\boxed{{{p.answer}}}").correct

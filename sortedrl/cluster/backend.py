@@ -1,57 +1,20 @@
-"""Where a training run's engine and trainer live: `local` (this process) or `ray` (replicas
-and FSDP2 ranks in Ray actors). `sortedrl train` asks its backend for the two and closes it at
-the end; the controller and the run loop do not know which one they got.
+"""The Ray backend (`cluster.backend=ray`, a `sortedrl.scheduling.protocol.Backend`): engine
+replicas and FSDP2 trainer ranks in Ray actors. `sortedrl.commands.backend` holds the local
+one and picks between them.
 
-    backend = make_backend(cfg)          # ray: connects (or starts Ray), reserves the devices
-    trainer = backend.trainer(model)     # GRPOTrainer, or a RayTrainerGroup of ranks
-    engine = backend.engine(model, tokenizer, version, problems_by_id)
+    backend = RayBackend(cfg)            # connects (or starts Ray), reserves the devices
+    trainer = backend.trainer(model)     # a RayTrainerGroup of ranks
+    engine = backend.engine(model, tokenizer, version, problems_by_id)   # a replica pool
     ...
     backend.close()                      # kills the actors, frees the devices
-
-A trainer that has `save_checkpoint(dir)` / `load_checkpoint(dir)` (the Ray group) writes its
-part of a checkpoint sharded with torch.distributed.checkpoint; the local one's state travels in
-`trainer.pt`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sortedrl.engines.factory import build_engine
-
-if TYPE_CHECKING:
-    from sortedrl.config import TrainConfig
-    from sortedrl.scheduling.protocol import Engine, Trainer
-
-
-class LocalBackend:
-    """One engine and one trainer in this process (the default)."""
-
-    #: whether the engine replaces its own failed parts (the run loop restarts a local one)
-    engine_restarts_itself = False
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-
-    def trainer(self, model: Any) -> Trainer:
-        from sortedrl.training.trainer import GRPOTrainer
-
-        cfg = self.cfg
-        return GRPOTrainer(
-            model,
-            cfg.trainer,
-            device=cfg.model.device,
-            temperature=cfg.rollout.temperature,
-            seed=cfg.seed,
-        )
-
-    def engine(
-        self, model: Any, tokenizer: Any, version: int, problems_by_id: dict[str, Any]
-    ) -> Engine:
-        return build_engine(self.cfg, model, tokenizer, version)
-
-    def close(self) -> None:
-        pass
+from sortedrl.cluster.settings import RunSettings
+from sortedrl.scheduling.protocol import Engine, Trainer
 
 
 class RayBackend:
@@ -60,7 +23,7 @@ class RayBackend:
 
     engine_restarts_itself = True  # the replica pool restarts its replicas
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: RunSettings) -> None:
         from sortedrl.cluster.placement import Placement
         from sortedrl.cluster.runtime import start_ray
 
@@ -113,8 +76,3 @@ class RayBackend:
         from sortedrl.cluster.runtime import stop_ray
 
         stop_ray(self.started)
-
-
-def make_backend(cfg: TrainConfig) -> LocalBackend | RayBackend:
-    """The backend `cluster.backend` names."""
-    return RayBackend(cfg) if cfg.cluster.backend == "ray" else LocalBackend(cfg)

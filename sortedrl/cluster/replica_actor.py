@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from sortedrl.cluster.settings import RunSettings
 from sortedrl.scheduling.protocol import Generation, Request, StepReport
 
 #: Seconds the replicas wait for each other when they form a broadcast group.
@@ -31,7 +32,7 @@ class EngineReplica:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: RunSettings,
         model: Any,
         tokenizer: Any,
         version: int,
@@ -40,15 +41,15 @@ class EngineReplica:
     ) -> None:
         from sortedrl.engines.factory import build_engine
 
-        # Replica i samples from its own stream: seed + i (replica 0 samples as a local run).
-        seeded = cfg.model_copy(update={"seed": cfg.seed + index})
         scorer = None
         if problems is not None:
             from sortedrl.tasks.registry import build_task
             from sortedrl.tasks.scoring import make_scorer
 
             scorer = make_scorer(cfg.task, build_task(cfg.task))
-        self._setup(build_engine(seeded, model, tokenizer, version), tokenizer, scorer, problems)
+        # Replica i samples from its own stream: seed + i (replica 0 samples as a local run).
+        engine = build_engine(cfg.rollout, cfg.model, cfg.seed + index, model, tokenizer, version)
+        self._setup(engine, tokenizer, scorer, problems)
 
     def _setup(
         self, engine: Any, tokenizer: Any, scorer: Any, problems: Mapping[str, Any] | None
@@ -92,17 +93,16 @@ class EngineReplica:
         return self.engine.load_weights(weights, version)
 
     def rng_state(self) -> Any:
-        return self.engine.rng_state() if hasattr(self.engine, "rng_state") else None
+        return self.engine.rng_state()
 
     def set_rng_state(self, state: Any) -> None:
-        if state is not None and hasattr(self.engine, "set_rng_state"):
+        if state is not None:
             self.engine.set_rng_state(state)
 
     def close(self) -> None:
-        for thing in (self.engine, self.scorer):
-            close = getattr(thing, "close", None)
-            if close is not None:
-                close()
+        self.engine.close()
+        if self.scorer is not None:
+            self.scorer.close()
 
     # --- scoring --------------------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class EngineReplica:
         self._returned(finished)
         if self.scorer is None or not finished:
             return 0.0
-        from sortedrl.commands.evaluate import decode
+        from sortedrl.tasks.scoring import score_generations
 
         t0 = time.perf_counter()
         todo = [g for g in finished if g.finish_reason != "abort"]
@@ -130,8 +130,10 @@ class EngineReplica:
                     f"replica: no problem for prompt id {pids[g.request_id]!r} to score "
                     f"request {g.request_id!r} against"
                 )
-            items.append((problem, decode(self.tokenizer, g.token_ids)))
-        for g, score in zip(todo, self.scorer.score_batch(items) if items else [], strict=True):
+            items.append((problem, g.token_ids))
+        for g, score in zip(
+            todo, score_generations(self.scorer, self.tokenizer, items), strict=True
+        ):
             g.score = score
         return time.perf_counter() - t0
 

@@ -23,8 +23,8 @@ group (`weight_sync="broadcast"`: NCCL between GPUs, gloo on the CPU).
 Faults: a replica whose call raises a Ray error (the actor died, or its engine failed) is
 killed and started again in its placement bundle, loads the current weights and gets back the
 requests it held, as they were submitted (tokens it generated since were never returned, so
-never counted). The controller never sees it. `max_restarts` failures of one replica in a row
-raise `ReplicaPoolError`.
+never counted). The controller never sees it. At the `max_engine_failures`-th failure of one
+replica in a row the pool raises `ReplicaPoolError`.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sortedrl.cluster.pool_clock import PoolClock
 from sortedrl.errors import SortedRLError
-from sortedrl.scheduling.protocol import Generation, Request, StepReport
+from sortedrl.scheduling.protocol import EngineBase, Generation, Request, StepReport
 
 if TYPE_CHECKING:
     from sortedrl.cluster.placement import Placement
-    from sortedrl.config import TrainConfig
+    from sortedrl.cluster.settings import RunSettings
     from sortedrl.tasks.base import Problem
 
 WeightSync = Literal["object_store", "broadcast"]
@@ -76,12 +76,14 @@ def _new_stats() -> dict[str, float]:
     return {**counts, **dict.fromkeys(("elapsed_s", "busy_slot_s", "reward_s"), 0.0)}
 
 
-class ReplicaPool:
+class ReplicaPool(EngineBase):
     """Implements `sortedrl.scheduling.protocol.Engine` over Ray actor replicas.
 
     `spawn(i)` starts replica i (an `EngineReplica` actor in its placement bundle) serving the
     weights the pool started with, as policy `version`.
     """
+
+    steps_in_flight = True  # each replica's step stays in flight across calls
 
     def __init__(
         self,
@@ -89,7 +91,7 @@ class ReplicaPool:
         n_replicas: int,
         version: int,
         *,
-        max_restarts: int = 3,
+        max_engine_failures: int = 4,
         weight_sync: WeightSync = "object_store",
         device: str = "cpu",
     ) -> None:
@@ -100,7 +102,7 @@ class ReplicaPool:
         if weight_sync not in ("object_store", "broadcast"):
             raise ValueError(f"weight_sync: {weight_sync!r} is not object_store or broadcast")
         self._ray = ray
-        self._spawn, self.max_restarts = spawn, max_restarts
+        self._spawn, self.max_engine_failures = spawn, max_engine_failures
         self.weight_sync: WeightSync = weight_sync
         self.device = device
         self._version = version
@@ -377,7 +379,7 @@ class ReplicaPool:
         """Kill replica `rep`, start a new one in its bundle with the current weights and give
         it the requests the old one held, as they were submitted."""
         rep.failures_in_a_row += 1
-        if rep.failures_in_a_row > self.max_restarts:
+        if rep.failures_in_a_row >= self.max_engine_failures:
             raise ReplicaPoolError(
                 f"rollout replica {rep.index} failed {rep.failures_in_a_row} time(s) in a row; "
                 f"last error: {type(error).__name__}: {error}"
@@ -447,7 +449,7 @@ def _unstarted(req: Request) -> Generation:
 
 
 def replica_spawner(
-    cfg: TrainConfig,
+    cfg: RunSettings,
     model: Any,
     tokenizer: Any,
     version: int,
@@ -472,7 +474,7 @@ def replica_spawner(
 
 
 def build_replica_pool(
-    cfg: TrainConfig,
+    cfg: RunSettings,
     model: Any,
     tokenizer: Any,
     version: int,
@@ -491,7 +493,7 @@ def build_replica_pool(
         spawn,
         n,
         version,
-        max_restarts=cfg.max_engine_failures - 1,
+        max_engine_failures=cfg.max_engine_failures,
         weight_sync="broadcast" if gpu and n > 1 else "object_store",
         device=cfg.model.device,
     )

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from sortedrl.cluster.placement import Placement
-    from sortedrl.config import TrainConfig
+    from sortedrl.cluster.settings import RunSettings
     from sortedrl.scheduling.protocol import UpdateBatch, UpdateResult
     from sortedrl.training.config import TrainerConfig
 
@@ -115,7 +115,7 @@ class RayTrainerGroup:
 
     virtual_time = False
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, placement: Placement) -> None:
+    def __init__(self, cfg: RunSettings, model: nn.Module, placement: Placement) -> None:
         import ray
 
         self.model = model

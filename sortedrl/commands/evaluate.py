@@ -11,7 +11,7 @@ from typing import Any
 
 from sortedrl.scheduling.protocol import Request
 from sortedrl.tasks.base import Problem
-from sortedrl.tasks.scoring import Scorer
+from sortedrl.tasks.scoring import Scorer, score_generations
 from sortedrl.training.sft import encode_example
 
 
@@ -27,10 +27,6 @@ def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool = True) ->
         return [int(i) for i in ids]
     ids, _ = encode_example(tokenizer, prompt, "")
     return ids
-
-
-def decode(tokenizer: Any, token_ids: Sequence[int] | None) -> str:
-    return tokenizer.decode(list(token_ids or []), skip_special_tokens=True)
 
 
 def evaluate(
@@ -94,8 +90,8 @@ def evaluate(
         engine.submit(requests)
         while engine.num_unfinished():
             finished = engine.step().finished
-            items = [(by_id[g.request_id][0], decode(tokenizer, g.token_ids)) for g in finished]
-            for g, s in zip(finished, scorer.score_batch(items) if items else [], strict=True):
+            items = [(by_id[g.request_id][0], g.token_ids) for g in finished]
+            for g, s in zip(finished, score_generations(scorer, tokenizer, items), strict=True):
                 rewards.append(float(s.reward))
                 correct.append(1.0 if s.correct else 0.0)
                 fmt.append(1.0 if s.format_ok else 0.0)
@@ -103,8 +99,7 @@ def evaluate(
     finally:
         if was_training:
             model.train()
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
     n = max(1, len(rewards))
     acc = sum(correct) / n
     return {

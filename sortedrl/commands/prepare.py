@@ -124,8 +124,8 @@ def _store_in_cache(model: Any, tokenizer: Any, target: Path) -> None:
 
 
 @dataclass
-class Prompts:
-    """The run's data: RL prompts (as problems and as the controller's specs) and eval problems."""
+class RunProblems:
+    """The run's problems: the RL ones (also as the controller's prompt specs) and the eval ones."""
 
     train: list[Problem]
     eval: list[Problem]
@@ -168,7 +168,7 @@ def prepare_prompts(
     *,
     chat_template: bool = True,
     records: int | None = None,
-) -> Prompts:
+) -> RunProblems:
     """Tokenize the RL prompts (through the chat template when there is one and
     `chat_template` is true); `records` is the task's `train_records`."""
     from sortedrl.commands.evaluate import prompt_token_ids
@@ -182,4 +182,4 @@ def prepare_prompts(
         ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
         epoch = int(p.meta.get("epoch", 0))
         specs.append(PromptSpec(p.prompt_id, len(ids), ids, epoch, record_id(p)))
-    return Prompts(train, held_out, by_id, specs, records)
+    return RunProblems(train, held_out, by_id, specs, records)

@@ -10,18 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from sortedrl.commands.checkpoint import complete_checkpoints, save_checkpoint
-from sortedrl.commands.evaluate import decode, evaluate_run
+from sortedrl.commands.evaluate import evaluate_run
 from sortedrl.commands.logger import RunLogger
-from sortedrl.commands.prepare import Prompts
+from sortedrl.commands.prepare import RunProblems
 from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
 from sortedrl.errors import SortedRLError, TrainerFailedError
 from sortedrl.scheduling.controller import Controller, controller_state
 from sortedrl.scheduling.loop import EngineFailedError, RunResult, run
 from sortedrl.scheduling.metrics import Clock
-from sortedrl.scheduling.protocol import Engine
+from sortedrl.scheduling.protocol import Backend, Engine
 from sortedrl.tasks.base import Score
-from sortedrl.tasks.scoring import Scorer
+from sortedrl.tasks.scoring import Scorer, score_generations
 
 
 class NumericalError(SortedRLError):
@@ -46,18 +46,18 @@ class Run:
         *,
         model: Any,
         tokenizer: Any,
-        prompts: Prompts,
+        problems: RunProblems,
         scorer: Scorer,
         trainer: Any,
-        backend: Any,
+        backend: Backend,
         controller: Controller,
         state: RunState,
         logger: RunLogger,
         t_start: float,
     ) -> None:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
-        self.prompts, self.scorer, self.trainer = prompts, scorer, trainer
-        self.backend = backend  # builds the engine (sortedrl.cluster.backend)
+        self.problems, self.scorer, self.trainer = problems, scorer, trainer
+        self.backend = backend  # builds the engine (sortedrl.commands.backend)
         self.controller, self.state, self.logger = controller, state, logger
         self.ckpt_root = out / "checkpoints"
         self.t_start = t_start
@@ -82,12 +82,9 @@ class Run:
         are not scored again, and take no reward time here."""
         t0 = time.perf_counter()
         todo = [i for i, g in enumerate(generations) if g.score is None]
-        items = [
-            (self.prompts.by_id[keys[i][0]], decode(self.tokenizer, generations[i].token_ids))
-            for i in todo
-        ]
+        items = [(self.problems.by_id[keys[i][0]], generations[i].token_ids) for i in todo]
         results = [g.score for g in generations]
-        for i, s in zip(todo, self.scorer.score_batch(items) if items else [], strict=True):
+        for i, s in zip(todo, score_generations(self.scorer, self.tokenizer, items), strict=True):
             results[i] = s
         for key, s in zip(keys, results, strict=True):
             self.scores[tuple(key)] = s
@@ -123,12 +120,10 @@ class Run:
 
     def restart_engine(self) -> Engine:
         """A fresh engine serving the current policy version (after the old one failed)."""
-        close = getattr(self.engine, "close", None)  # e.g. vLLM: free its memory and threads
-        if close is not None:
-            try:
-                close()
-            except Exception as e:  # it failed already; a failing close must not stop the run
-                print(f"warning: closing the failed engine: {e}")
+        try:
+            self.engine.close()  # e.g. vLLM: free its memory and threads
+        except Exception as e:  # it failed already; a failing close must not stop the run
+            print(f"warning: closing the failed engine: {e}")
         self.engine = self._build_engine()
         if self.safe_weights is not None:  # never weights the trainer is changing right now
             version, weights = self.safe_weights
@@ -138,7 +133,7 @@ class Run:
     # --- the run's own actions ----------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
-        return evaluate_run(self.cfg, self.model, self.tokenizer, self.scorer, self.prompts.eval)
+        return evaluate_run(self.cfg, self.model, self.tokenizer, self.scorer, self.problems.eval)
 
     def checkpoint(self, step: int) -> Path:
         """Write checkpoint `step`: weights, trainer, every RNG, controller and run state."""
@@ -148,11 +143,12 @@ class Run:
             "torch": torch.get_rng_state(),
             "python": _to_lists(random.getstate()),
         }
-        if hasattr(self.engine, "rng_state"):
-            try:
-                rng["engine"] = self.engine.rng_state()
-            except Exception as e:  # a failed engine: the run resumes with a fresh sampler
-                print(f"warning: the engine's sampling RNG is not in this checkpoint ({e})")
+        try:
+            engine_rng = self.engine.rng_state()
+            if engine_rng is not None:
+                rng["engine"] = engine_rng
+        except Exception as e:  # a failed engine: the run resumes with a fresh sampler
+            print(f"warning: the engine's sampling RNG is not in this checkpoint ({e})")
         self.state.elapsed_s = self.elapsed_now()
         self.state.scores = [
             (k[0], k[1], v.reward, v.correct, v.format_ok) for k, v in self.scores.items()
@@ -177,7 +173,7 @@ class Run:
 
         torch.set_rng_state(rng["torch"])
         random.setstate(_to_tuple(rng["python"]))
-        if "engine" in rng and hasattr(self.engine, "set_rng_state"):
+        if "engine" in rng:
             try:
                 self.engine.set_rng_state(rng["engine"])
             except ValueError as e:  # e.g. another number of replicas: sampling differs
@@ -210,7 +206,7 @@ class Run:
                     restart_engine=(
                         None if self.backend.engine_restarts_itself else self.restart_engine
                     ),
-                    max_engine_restarts=self.cfg.max_engine_failures - 1,
+                    max_engine_failures=self.cfg.max_engine_failures,
                     pause_for_update=pause_for_update,
                     clock=self.clock,
                 )
@@ -279,9 +275,9 @@ class Run:
             "eval_before": self.state.eval_before,
             "eval_after": eval_after,
             "evals": self.state.evals,
-            "train_records": self.prompts.train_records,
-            "epochs": self.prompts.epochs(self.prompts_trained),
-            "engine_stats": dict(getattr(result.engine, "stats", {})),
+            "train_records": self.problems.train_records,
+            "epochs": self.problems.epochs(self.prompts_trained),
+            "engine_stats": dict(result.engine.stats),
             "config": self.cfg.model_dump(mode="json"),
             "out_dir": str(self.ckpt_root.parent),
         }
@@ -293,7 +289,7 @@ class Run:
 
     def _build_engine(self) -> Engine:
         return self.backend.engine(
-            self.model, self.tokenizer, self.controller.version, self.prompts.by_id
+            self.model, self.tokenizer, self.controller.version, self.problems.by_id
         )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -328,7 +324,7 @@ class Run:
             "samples_trained": self.state.samples_trained,
             "skipped": record.skipped,
             # Passes over the training records so far (trained prompts / records).
-            "epoch": self.prompts.epochs(self.prompts_trained),
+            "epoch": self.problems.epochs(self.prompts_trained),
             "time_s": self.elapsed_now(),
             "loop_time_s": record.time_s,
         }

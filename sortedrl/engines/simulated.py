@@ -46,6 +46,7 @@ from sortedrl.engines.costmodel import ClusterSpec, CostModel, resolve_preset
 from sortedrl.engines.replica import DONE, EPS, RUNNING, WAITING, Replica, SimSeq
 from sortedrl.errors import ConfigError
 from sortedrl.scheduling.protocol import (
+    EngineBase,
     FinishReason,
     Generation,
     Request,
@@ -54,7 +55,7 @@ from sortedrl.scheduling.protocol import (
 from sortedrl.workload import LengthModel
 
 
-class SimulatedEngine:
+class SimulatedEngine(EngineBase):
     """Implements `sortedrl.scheduling.protocol.Engine` in virtual time.
 
     `gpus` overrides the preset's GPU count (an async run gives rollout a subset);

@@ -43,6 +43,7 @@ are run with full attention.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections import deque
@@ -52,9 +53,10 @@ from typing import Any
 
 import torch
 
+from sortedrl.engines.config import ModelConfig, RolloutConfig
 from sortedrl.engines.response import ResponseTrack
 from sortedrl.engines.slot_kv import SlotKV
-from sortedrl.scheduling.protocol import Generation, Request, StepReport
+from sortedrl.scheduling.protocol import EngineBase, Generation, Request, StepReport
 
 __all__ = ["TransformersEngine"]
 
@@ -78,7 +80,7 @@ class _Seq(ResponseTrack):
 # --- the engine -------------------------------------------------------------------------------
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     """A continuous-batching `Engine` over a transformers causal LM (see the module docstring).
 
     Args:
@@ -437,3 +439,25 @@ class TransformersEngine:
                 done.append(i)
         if done:
             self._remove_rows(done)
+
+
+def build_transformers_engine(
+    rollout: RolloutConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    model: Any,
+    tokenizer: Any,
+    version: int,
+) -> TransformersEngine:
+    """The engine of `rollout.engine=transformers` (its entry in `engines/registry.py`)."""
+    engine = TransformersEngine(
+        copy.deepcopy(model),  # its own weights: the trainer changes `model` meanwhile
+        tokenizer,
+        capacity=rollout.capacity,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        seed=seed,
+        device=model_cfg.device,
+    )
+    engine.load_weights(None, version)  # the copied weights are policy `version`
+    return engine

@@ -51,8 +51,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sortedrl.engines.config import ModelConfig, RolloutConfig
 from sortedrl.engines.response import ResponseTrack
-from sortedrl.scheduling.protocol import Generation, Request, StepReport
+from sortedrl.scheduling.protocol import EngineBase, Generation, Request, StepReport
 
 __all__ = ["VLLMEngine", "vllm_available"]
 
@@ -95,7 +96,7 @@ def request_seed(seed: int, n: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """An `Engine` over vLLM V1 (see the module docstring).
 
     Args:
@@ -451,3 +452,25 @@ def _checkpoint_names(path: str) -> set[str]:
     if not names:
         raise ValueError(f"VLLMEngine: {path} has no safetensors weights")
     return names
+
+
+def build_vllm_engine(
+    rollout: RolloutConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    model: Any,
+    tokenizer: Any,
+    version: int,
+) -> VLLMEngine:
+    """The engine of `rollout.engine=vllm` (its entry in `engines/registry.py`)."""
+    engine = VLLMEngine(
+        model,  # saved to a temporary directory now: later training does not touch that copy
+        tokenizer,
+        capacity=rollout.capacity,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        seed=seed,
+        device=model_cfg.device,
+    )
+    engine.load_weights(None, version)  # the saved weights are policy `version`
+    return engine

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 # Bump when the layout changes. 2: update records use the measured names
-# (max_staleness_trained, ...). 3: length-aware scheduling (issue #10): the settings
+# (max_staleness_trained, ...). 3: length-aware scheduling: the settings
 # submit_order and update_pacing, each group's epoch, a rank per queue entry, the length history.
 # 4: each group's record_id (the length history's key when it is not the prompt id).
 # 5: rollout_batch may be auto: the window-fit rule's state and the round counters.

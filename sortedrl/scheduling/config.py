@@ -110,7 +110,7 @@ class SchedulerConfig(BaseModel):
     )
     # Default: the default task's answers (at most 40 letters, a token each) fit with room.
     max_new_tokens: int = Field(64, ge=1, description="response length cap, in tokens")
-    # --- length-aware scheduling (issue #10; scheduling/lengths.py) -----------------------------
+    # --- length-aware scheduling (scheduling/lengths.py) ---------------------------------------
     # Default: fifo, the order of the paper (and of every run before these settings existed).
     submit_order: Literal["fifo", "longest_predicted"] = Field(
         "fifo",

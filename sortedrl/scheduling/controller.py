@@ -501,7 +501,7 @@ class Controller:
             self._enqueue(seq, _RESUME)
         return len(lost)
 
-    # --- length-aware scheduling (issue #10): see scheduling/lengths.py -----------------------
+    # --- length-aware scheduling: see scheduling/lengths.py ----------------------------------
     def observe_step(
         self, tokens_generated: int, busy_slot_s: float, elapsed_s: float, capacity: int
     ) -> None:

@@ -27,7 +27,7 @@ from sortedrl.scheduling.protocol import (
 
 # Scores finished generations, given each one's (prompt_id, sample_index); returns
 # (rewards, seconds it took).
-Scorer = Callable[[Sequence[Generation], Sequence[tuple[str, int]]], tuple[list[float], float]]
+RewardHook = Callable[[Sequence[Generation], Sequence[tuple[str, int]]], tuple[list[float], float]]
 # Called after every update with the record just made.
 UpdateHook = Callable[[UpdateRecord, UpdateBatch, UpdateResult], None]
 
@@ -87,12 +87,12 @@ def run(
     engine: Engine,
     trainer: Trainer,
     *,
-    scorer: Scorer | None = None,
+    scorer: RewardHook | None = None,
     on_update: UpdateHook | None = None,
     max_updates: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     restart_engine: Callable[[], Engine] | None = None,
-    max_engine_restarts: int = 3,
+    max_engine_failures: int = 4,
     pause_for_update: bool = True,
     clock: Clock | None = None,
 ) -> RunResult:
@@ -100,7 +100,7 @@ def run(
     are done, or `should_stop()` says so (checked before every engine step).
 
     An engine whose `step` raises is replaced by `restart_engine()` (its requests go back to
-    the controller's queue); after `max_engine_restarts` failures in a row the run raises
+    the controller's queue); at the `max_engine_failures`-th failure in a row the run raises
     `EngineFailedError`, with the controller left consistent for a checkpoint.
 
     Colocated policies pause the engine for an update (freeing its KV cache for the trainer)
@@ -113,7 +113,7 @@ def run(
     clock = clock if clock is not None else Clock(engine.capacity)
     loop = _Loop(controller, engine, trainer, clock, scorer, on_update)
     loop.should_stop = should_stop or (lambda: False)
-    loop.restart_engine, loop.max_restarts = restart_engine, max_engine_restarts
+    loop.restart_engine, loop.max_engine_failures = restart_engine, max_engine_failures
     loop.pause_for_update = pause_for_update
     if controller.colocated:
         loop.run_colocated(max_updates)
@@ -137,7 +137,7 @@ class _Loop:
         engine: Engine,
         trainer: Trainer,
         clock: Clock,
-        scorer: Scorer | None,
+        scorer: RewardHook | None,
         on_update: UpdateHook | None,
     ) -> None:
         self.ctl, self.engine, self.trainer, self.clock = controller, engine, trainer, clock
@@ -145,7 +145,7 @@ class _Loop:
         self.should_stop: Callable[[], bool] = lambda: False
         self.stopped = False
         self.restart_engine: Callable[[], Engine] | None = None
-        self.max_restarts = 3
+        self.max_engine_failures = 4
         self.restarts = 0
         self._failures_in_a_row = 0
         self.pause_for_update = True
@@ -163,7 +163,7 @@ class _Loop:
 
     def _engine_failed(self, error: Exception) -> None:
         self._failures_in_a_row += 1
-        if self.restart_engine is None or self._failures_in_a_row > self.max_restarts:
+        if self.restart_engine is None or self._failures_in_a_row >= self.max_engine_failures:
             self.ctl.requeue_running()
             raise EngineFailedError(
                 f"the rollout engine failed {self._failures_in_a_row} time(s) in a row; "
@@ -180,9 +180,8 @@ class _Loop:
     def _settle(self) -> None:
         """An engine that keeps steps in flight between calls (`settle`, e.g. the Ray replica
         pool) finishes and reports them, so the controller decides on what is really done."""
-        settle = getattr(self.engine, "settle", None)
-        if settle is not None:
-            self._engine_report(settle, True)
+        if self.engine.steps_in_flight:
+            self._engine_report(self.engine.settle, True)
 
     def _engine_report(self, call: Callable[[], StepReport], advance: bool) -> float:
         """Run `call` (a step or a settle) and feed its report to the clock, the scorer and the

@@ -18,8 +18,9 @@ behind the controller's back; the run loop calls it before the controller decide
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -131,6 +132,32 @@ class Engine(Protocol):
         ...
 
 
+class EngineBase:
+    """The engine's optional methods with their no-op defaults. Every engine derives from it
+    and overrides what it has, so the loop and the run call these methods as they are and
+    never probe an engine for them."""
+
+    #: whether steps stay in flight between calls (the Ray replica pool): the loop then calls
+    #: `settle` before every update decision
+    steps_in_flight: bool = False
+    #: the engine's own counters, copied into summary.json's `engine_stats`
+    stats: Mapping[str, Any] = MappingProxyType({})
+
+    def settle(self) -> StepReport:
+        """Finish and report the steps still in flight (none here)."""
+        return StepReport()
+
+    def rng_state(self) -> Any:
+        """The sampler's state for a checkpoint; None: the engine has none to save."""
+        return None
+
+    def set_rng_state(self, state: Any) -> None:
+        """Restore what `rng_state` returned."""
+
+    def close(self) -> None:
+        """Free the engine's memory, threads and processes (idempotent)."""
+
+
 # --- the trainer side -------------------------------------------------------------------------
 
 
@@ -186,3 +213,28 @@ class Trainer(Protocol):
     virtual_time: bool
 
     def update(self, batch: UpdateBatch) -> UpdateResult: ...
+
+
+class Backend(Protocol):
+    """Where a training run's engine and trainer live (`cluster.backend`): this process, or
+    Ray actors. The run asks it for the two once (the engine again after a failure) and closes
+    it at the end; the controller and the loop never see which one it is."""
+
+    #: whether the engine replaces its own failed parts (a replica pool), so the run loop must
+    #: not rebuild it
+    engine_restarts_itself: bool
+
+    def trainer(self, model: Any) -> Trainer:
+        """The trainer that updates `model`'s weights."""
+        ...
+
+    def engine(
+        self, model: Any, tokenizer: Any, version: int, problems_by_id: dict[str, Any]
+    ) -> Engine:
+        """An engine serving `model`'s current weights as policy `version`;
+        `problems_by_id` lets an engine that scores its own responses find their problems."""
+        ...
+
+    def close(self) -> None:
+        """Release the processes and devices (idempotent)."""
+        ...

@@ -20,7 +20,7 @@ from sortedrl.engines.simulated_trainer import CostModelTrainer
 from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import POLICIES, SchedulerConfig, ignored_settings
 from sortedrl.scheduling.controller import Controller
-from sortedrl.scheduling.loop import RunResult, Scorer, run
+from sortedrl.scheduling.loop import RewardHook, RunResult, run
 from sortedrl.scheduling.protocol import Generation
 from sortedrl.scheduling.state import PromptSpec
 from sortedrl.sim.layout import LayoutSettings, Split, cluster_spec, splits
@@ -184,7 +184,7 @@ def run_policy(
     )
 
 
-def solve_rate_scorer(seed: int, rate: float) -> Scorer:
+def solve_rate_scorer(seed: int, rate: float) -> RewardHook:
     """Simulated rewards: a response is correct (1.0) with probability `rate`, drawn from a
     hash of (seed, prompt, sample, length), so every policy sees the same rewards for the
     same responses and a regenerated response of another length draws again."""

@@ -14,7 +14,7 @@ receive them as keyword lists, as `GRPOTrainer` passes them.
 The prompt given to the model is `prompt_template` with ``{problem}`` replaced by the prompt;
 ``""`` gives the prompt as it is. The `dataset` task's default is the raw prompt.
 
-Held-out problems come from `test_path`; without it, from the held-out split of a saved
+Held-out problems come from `eval_path`; without it, from the held-out split of a saved
 DatasetDict when it has one, or else the records are split by a hash of the prompt text
 (`test_percent` of them held out), so the splits are disjoint and stable.
 
@@ -41,6 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from sortedrl.errors import ConfigError, InputFileError
+from sortedrl.tasks.answers import (
+    REWARD_CORRECT,
+    REWARD_WRONG,
+    answers_match,
+    extract_answer,
+    last_boxed,
+    warmup,
+)
 from sortedrl.tasks.base import Problem, Score
 from sortedrl.tasks.data import HELD_OUT_SPLITS, read_rows, saved_splits
 
@@ -67,8 +75,6 @@ def _lookup(obj: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any] | No
 
 
 def _answer_text(value: Any, path: str, line: int, key: str) -> str:
-    from sortedrl.tasks.math import last_boxed
-
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise InputFileError(
             path, f"must be a string or a number, got {type(value).__name__}", line, key
@@ -103,8 +109,6 @@ def _prompt(obj: dict[str, Any], key: str | None, path: str, line: int) -> tuple
 
 
 def _answer(obj: dict[str, Any], key: str | None, required: bool, path: str, line: int) -> str:
-    from sortedrl.tasks.math import last_boxed
-
     if key is not None:
         if key not in obj:
             raise InputFileError(path, "missing (task.answer_key)", line, key)
@@ -147,8 +151,6 @@ def to_record(
 
 def score_answer(problem: Problem, response: str, last_line: bool = True) -> Score:
     """The default verifier (module-level, picklable); see the module docstring."""
-    from sortedrl.tasks.math import REWARD_CORRECT, REWARD_WRONG, answers_match, extract_answer
-
     if not isinstance(response, str) or len(response) > MAX_RESPONSE_CHARS:
         return Score(REWARD_WRONG, False, False)
     pred = extract_answer(response)
@@ -170,7 +172,7 @@ class DatasetTask:
     """Prompts and answers from your files; see the module docstring."""
 
     path: str
-    test_path: str | None = None
+    eval_path: str | None = None
     prompt_key: str | None = None
     answer_key: str | None = None
     prompt_template: str = RAW_PROMPT
@@ -202,7 +204,7 @@ class DatasetTask:
         ]
 
     def _held_out_is_separate(self) -> bool:
-        if self.test_path is not None:
+        if self.eval_path is not None:
             return True
         splits = saved_splits(Path(self.path)) if Path(self.path).is_dir() else None
         return bool(splits) and any(s in splits for s in HELD_OUT_SPLITS)
@@ -212,7 +214,7 @@ class DatasetTask:
             raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
         if split not in self._records:
             if self._held_out_is_separate():
-                where = self.path if split == "train" else (self.test_path or self.path)
+                where = self.path if split == "train" else (self.eval_path or self.path)
                 recs = self._read(where, split)
             else:
                 recs = [
@@ -253,8 +255,6 @@ class DatasetTask:
         return score_answer(problem, response, self.answer_from_last_line)
 
     def warmup(self) -> None:
-        from sortedrl.tasks.math import warmup
-
         warmup()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The one scorer of a run: training rewards and every evaluation go through it.
+"""The one scorer of a run: training rewards and every evaluation go through it, and the one
+place where generations are scored (`score_generations`: decode, score against the problem),
+used by the local run, the Ray replicas and evaluation alike.
 
 `make_scorer(task_cfg, task)` returns a `RewardRunner` (see `sortedrl.tasks.rewards`) that
 scores with your own `task_cfg.reward_fns` (weighted, the task's verifier judging accuracy)
@@ -14,11 +16,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from sortedrl.tasks.base import Problem, Score
+from sortedrl.tasks.registry import TASKS
 
 #: Reward workers when `task.reward_workers` is empty and the scorer is untrusted.
 DEFAULT_SANDBOX_WORKERS = 2
-#: Tasks whose verifier runs sympy (math-verify) on model output.
-SANDBOXED_TASKS = ("math", "dataset")
 
 
 class Scorer(Protocol):
@@ -35,7 +36,7 @@ def sandbox_workers(task_cfg: Any) -> int:
     """Worker processes for `task_cfg`: its `reward_workers`, or the default by what scores."""
     if task_cfg.reward_workers is not None:
         return int(task_cfg.reward_workers)
-    untrusted = bool(task_cfg.reward_fns) or task_cfg.name in SANDBOXED_TASKS
+    untrusted = bool(task_cfg.reward_fns) or TASKS[task_cfg.name].sandboxed
     return DEFAULT_SANDBOX_WORKERS if untrusted else 0
 
 
@@ -57,3 +58,18 @@ def make_scorer(task_cfg: Any, task: Any) -> Scorer:
         timeout_s=task_cfg.reward_timeout_s,
         workers=sandbox_workers(task_cfg),
     )
+
+
+def decode(tokenizer: Any, token_ids: Sequence[int] | None) -> str:
+    """The text of a response, as the scorer sees it."""
+    return tokenizer.decode(list(token_ids or []), skip_special_tokens=True)
+
+
+def score_generations(
+    scorer: Scorer, tokenizer: Any, items: Sequence[tuple[Problem, Sequence[int] | None]]
+) -> list[Score]:
+    """One Score per (problem, response token ids), in order: each response decoded and scored
+    against its problem."""
+    if not items:
+        return []
+    return scorer.score_batch([(problem, decode(tokenizer, ids)) for problem, ids in items])

@@ -1,0 +1,55 @@
+"""`model` and `rollout` settings: the policy model and the engine that generates with it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sortedrl.engines.registry import ENGINES
+
+# The engine names, derived from the registry: a new engine is one entry there.
+EngineName = Literal[tuple(ENGINES)]  # type: ignore[valid-type]
+
+
+class ModelConfig(BaseModel):
+    """The policy model: a Hugging Face directory, or the embedded tiny model and its warm
+    start."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(
+        None, description="a Hugging Face model directory; empty: the embedded tiny model"
+    )
+    tiny_size: str = Field("default", description="size of the embedded tiny model")
+    warm_start_steps: int = Field(
+        150, ge=0, description="supervised steps on task solutions before RL (tiny model only)"
+    )
+    warm_start_examples: int = Field(
+        2048, ge=1, description="distinct task solutions the warm start draws from"
+    )
+    warm_start_batch: int = Field(32, ge=1)
+    warm_start_lr: float = Field(3e-3, gt=0)
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+
+
+class RolloutConfig(BaseModel):
+    """The rollout engine and how it samples."""
+
+    model_config = ConfigDict(extra="forbid")
+    engine: EngineName = Field(
+        "transformers", description=f"the rollout engine: {', '.join(ENGINES)}"
+    )
+    capacity: int = Field(
+        64,
+        ge=1,
+        description="engine capacity C: sequences run at once (per replica: the replica pool of "
+        "cluster.rollout_replicas runs their sum)",
+    )
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    pause_for_update: bool | None = Field(
+        None,
+        description="pause the engine and free its KV cache for each update, re-prefilling the "
+        "partial responses after it (colocated on a GPU); false: keep the cache and go on "
+        "under the new weights; empty: pause unless the model runs on the CPU",
+    )
