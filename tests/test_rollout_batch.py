@@ -64,6 +64,7 @@ def test_equal_lengths_fill_the_engine_and_a_tail_holds_r_back():
     assert u <= r_tail < candidates(tail, **kw)[-1].rollout_batch
 
 
+@settings(deadline=None)
 @given(
     groups=st.lists(
         st.lists(st.integers(1, 5000), min_size=1, max_size=8), min_size=1, max_size=60
