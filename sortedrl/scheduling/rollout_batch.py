@@ -34,7 +34,7 @@ and a larger R still shortens T, so the rule fills the engine.
 
 T is not calibrated on the measured update intervals: an interval measured at R includes the
 waits and restarts that R caused, so a calibrated T grew with the rule's own waste and R with it
-(at `max_staleness` 1 it climbed to 4.5U with 39% of tokens discarded). The rule is a function
+(on a bimodal workload at `max_staleness` 1 it climbed to 4.5U, discarding 34% to 39%). The rule is a function
 of the lengths and the engine's capacity alone.
 
 The lengths are those of completed groups (siblings together). Groups complete short first, so
