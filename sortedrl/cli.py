@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import click
@@ -387,7 +388,14 @@ def train(
 
 
 @main.command(name="eval")
-@click.option("--model", "model_path", required=True, type=click.Path(), help="model directory")
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(),
+    help="a model directory, a run directory (its model/, or its newest checkpoint) or a "
+    "checkpoint directory",
+)
 @click.option("--task", "task_name", default="reverse", show_default=True)
 @click.option(
     "--path",
@@ -423,6 +431,14 @@ def train(
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="nucleus sampling")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option(
+    "--long-prompts",
+    type=click.Choice(["error", "drop"]),
+    default="error",
+    show_default=True,
+    help="a prompt too long for the model's context with --max-new-tokens: an error naming "
+    "its file and line, or left out (as task.long_prompts)",
+)
 @click.option("--capacity", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
@@ -439,19 +455,53 @@ def train(
 def eval_command(**kw: Any) -> None:
     """Score a model directory on a task's held-out problems (pass@1 and mean@k), with the
     training run's reward sandbox (worker processes and time limit for math)."""
-    from sortedrl.commands.evaluate import evaluate
-    from sortedrl.commands.prepare import prepare_model
+    from sortedrl.commands.context import check_room, context_positions, fit_prompts
+    from sortedrl.commands.evaluate import evaluate, problem_token_ids
+    from sortedrl.commands.prepare import (
+        checkpoint_model,
+        embedded_run_model,
+        model_to_evaluate,
+        prepare_model,
+    )
     from sortedrl.config import load_config
     from sortedrl.io import write_json_atomic
     from sortedrl.tasks.registry import build_task
     from sortedrl.tasks.scoring import make_scorer
 
+    file_flags = [flag for k, flag in FILE_TASK_FLAGS.items() if kw[k] is not None]
+    if file_flags and kw["task_name"] not in ("math", "dataset"):
+        raise SortedRLError(
+            f"{', '.join(file_flags)}: only --task dataset and --task math read files, not "
+            f"--task {kw['task_name']}; add --task dataset"
+        )
+    model_dir, ckpt = model_to_evaluate(Path(kw["model_path"]))
+    kw["model_path"] = str(model_dir) if model_dir is not None else None
     cfg = load_config(None, _eval_overrides(kw))
     task = build_task(cfg.task)
-    model, tokenizer = prepare_model(cfg, task)
+    if ckpt is not None:
+        model, tokenizer, step, embedded = checkpoint_model(ckpt)
+        out.print(f"evaluating the checkpoint {ckpt} (update {step})")
+    else:
+        model, tokenizer = prepare_model(cfg, task)
+        embedded = model_dir is not None and embedded_run_model(model_dir)
     problems = task.problems("test", kw["prompts"], seed=kw["seed"])
     if not problems:
         raise SortedRLError(f"task {kw['task_name']}: no held-out problems")
+    # As in training: the embedded tiny model's positions are nominal (rotary, not learned).
+    positions = None if embedded else context_positions(model)
+    check_room(positions, kw["max_new_tokens"], "--max-new-tokens ")
+    problems, dropped = fit_prompts(
+        problems,
+        lambda p: len(problem_token_ids(tokenizer, p, cfg.task.chat_template)),
+        positions,
+        kw["max_new_tokens"],
+        drop=kw["long_prompts"] == "drop",
+        setting="--max-new-tokens ",
+    )
+    if dropped:
+        out.print(f"--long-prompts drop: left out {dropped} prompts too long for the model")
+    if not problems:
+        raise SortedRLError("--long-prompts drop: no prompt fits the model's context")
     scorer = make_scorer(cfg.task, task)
     try:
         scores = evaluate(
@@ -476,8 +526,20 @@ def eval_command(**kw: Any) -> None:
         f"{kw['temperature']}), mean reward {scores['reward_mean']:.3f} over "
         f"{len(problems)} problems"
     )
+    for name, kinds in scores.get("reward_failures", {}).items():
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+        out.print(f"reward function {name!r} failed on {sum(kinds.values())} calls ({counts})")
     if kw["json_path"]:
         write_json_atomic(kw["json_path"], scores)
+
+
+#: `sortedrl eval`'s options that only the tasks reading files (math, dataset) take.
+FILE_TASK_FLAGS = {
+    "data_path": "--path",
+    "prompt_key": "--prompt-key",
+    "answer_key": "--answer-key",
+    "prompt_template": "--prompt-template",
+}
 
 
 def _eval_overrides(kw: dict[str, Any]) -> list[str]:
@@ -485,7 +547,7 @@ def _eval_overrides(kw: dict[str, Any]) -> list[str]:
     import json
 
     overrides = [
-        f"model.path={kw['model_path']}",
+        *([f"model.path={kw['model_path']}"] if kw["model_path"] else []),
         f"task.name={kw['task_name']}",
         f"model.device={kw['device']}",
         f"task.chat_template={str(kw['chat_template']).lower()}",

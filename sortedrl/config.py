@@ -23,6 +23,7 @@ from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.tasks.config import TaskConfig
 from sortedrl.training.config import TrainerConfig
+from sortedrl.trl_names import trl_hint
 
 
 class EvalConfig(BaseModel):
@@ -147,6 +148,18 @@ def apply_override(doc: dict[str, Any], item: str) -> None:
         node[parts[-1]] = _parse_value(value)
 
 
+def _trl_hints(e: ValidationError) -> list[str]:
+    """For each unknown setting that is one of TRL's names, where sortedrl's is."""
+    hints = []
+    for err in e.errors():
+        loc = [str(x) for x in err.get("loc", ())]
+        if err.get("type") == "extra_forbidden" and loc:
+            hint = trl_hint(loc[-1])
+            if hint is not None:
+                hints.append(f"{'.'.join(loc)}: {hint}")
+    return hints
+
+
 def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     doc: dict[str, Any] = {}
     where = "command line"
@@ -177,6 +190,9 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     try:
         cfg = TrainConfig.model_validate(doc)
     except ValidationError as e:
+        hints = _trl_hints(e)
+        if hints:
+            raise ConfigError(f"{where}: {'; '.join(hints)}") from None
         raise ConfigError(f"{where}: {format_validation_error(e)}") from None
     try:
         check_engine_name(cfg.rollout.engine)

@@ -12,3 +12,7 @@ def always_one(problem, response):
 def never_returns(problem, response):
     time.sleep(600)
     return 1.0
+
+
+def raises(problem, response):
+    raise ValueError("broken on purpose")

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sortedrl"
 LAYERS: dict[str, int] = {
     "errors": 0,
     "io": 0,
+    "trl_names": 0,
     "scheduling": 1,
     "workload": 1,
     "tasks": 1,

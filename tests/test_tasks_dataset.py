@@ -9,11 +9,11 @@ import pytest
 
 from sortedrl.config import load_config
 from sortedrl.errors import ConfigError, InputFileError
-from sortedrl.tasks.base import Problem, Score
+from sortedrl.tasks.base import Problem
 from sortedrl.tasks.dataset import DatasetTask, score_answer
 from sortedrl.tasks.registry import build_task
 from sortedrl.tasks.scoring import make_scorer
-from sortedrl.tasks.user_rewards import TRLReward, WeightedReward, load_reward_fns
+from sortedrl.tasks.user_rewards import RewardFailure, TRLReward, WeightedReward, load_reward_fns
 
 ROWS = [
     {"q": "12+7=", "gold": "19", "difficulty": 1},
@@ -213,8 +213,9 @@ def test_trl_reward_gets_prompts_completions_and_columns(reward_module):
     p = Problem("x", "12+7=", "19", meta={"columns": {"gold": "19", "difficulty": 1}})
     assert TRLReward(my_rewards.trl_exact)(p, "19") == 1.0
     assert my_rewards.CALLS[-1] == ["difficulty", "prompts"]
-    with pytest.raises(TypeError, match="one value per completion"):
+    with pytest.raises(RewardFailure, match="returns a list") as e:
         TRLReward(my_rewards.trl_bad)(p, "19")
+    assert e.value.kind == "wrong_type"
 
 
 def test_weighted_sum_of_both_signatures(reward_module):
@@ -227,7 +228,13 @@ def test_weighted_sum_of_both_signatures(reward_module):
     s = fns(p, "19")
     assert s.reward == pytest.approx(1.8) and s.correct
     # A None (not applicable) adds nothing: 1 * 0 + 2 * 0 + nothing.
-    assert fns(p, "skip") == Score(0.0, False, True)
+    skipped = fns(p, "skip")
+    assert (skipped.reward, skipped.correct, skipped.format_ok) == (0.0, False, True)
+    assert skipped.parts == (
+        ("trl_exact", 0.0, None),
+        ("own", 0.0, None),
+        ("trl_short", None, None),
+    )
     # Partial credit is not correctness: with a task to judge, its verifier decides.
     partial = load_reward_fns(["my_rewards:trl_short"], None, judge=DatasetTask(path="unused"))
     assert partial(p, "18").reward < 0 and not partial(p, "18").correct

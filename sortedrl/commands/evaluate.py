@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sortedrl.errors import ConfigError
 from sortedrl.scheduling.protocol import Request
 from sortedrl.tasks.base import Problem
+from sortedrl.tasks.reward_report import FailureConsole, RewardReport
 from sortedrl.tasks.scoring import Scorer, score_generations
 from sortedrl.training.sft import encode_example
 
@@ -29,6 +31,29 @@ def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool = True) ->
     return ids
 
 
+def problem_token_ids(tokenizer: Any, problem: Problem, chat_template: bool = True) -> list[int]:
+    """A problem's prompt token ids: its text (`prompt_token_ids`), or, for a conversational
+    prompt (``meta["messages"]``), its messages through the tokenizer's chat template."""
+    messages = problem.meta.get("messages") if isinstance(problem.meta, dict) else None
+    if messages is None:
+        return prompt_token_ids(tokenizer, problem.prompt, chat_template)
+    where = problem.meta.get("source") or problem.prompt_id
+    if not chat_template:
+        raise ConfigError(
+            f"{where}: the prompt is a list of messages, which only a chat template renders; "
+            "task.chat_template=false leaves none"
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"{where}: the prompt is a list of messages, and the model's tokenizer has no chat "
+            "template to render them (tokenizer_config.json: chat_template)"
+        )
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -44,12 +69,15 @@ def evaluate(
     device: str = "cpu",
     engine_name: str = "transformers",
     chat_template: bool = True,
-) -> dict[str, float]:
+    console: FailureConsole | None = None,
+) -> dict[str, Any]:
     """Generate `samples` responses per problem and score them with `scorer`.
 
     Returns pass@1 (= accuracy: the mean share of correct responses, mean@k over samples),
-    reward_mean, format_ok and response_len_mean (tokens). The model is left in the training
-    mode it was in. `engine_name`: "transformers", or "vllm" (a vLLM engine started for this
+    reward_mean, format_ok and response_len_mean (tokens); with your own reward functions, each
+    one's ``rewards/<fn>/mean`` and its failures, ``reward_failures: {fn: {kind: count}}``
+    (the first messages go to `console`, a fresh one by default). The model is left in the
+    training mode it was in. `engine_name`: "transformers", or "vllm" (a vLLM engine started for this
     evaluation and shut down after it).
     """
     was_training = bool(getattr(model, "training", False))
@@ -67,7 +95,7 @@ def evaluate(
     by_id: dict[str, tuple[Problem, int]] = {}
     requests = []
     for i, p in enumerate(problems):
-        ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
+        ids = problem_token_ids(tokenizer, p, chat_template)
         for k in range(samples):
             rid = f"eval/{i}/{k}"
             by_id[rid] = (p, k)
@@ -86,12 +114,16 @@ def evaluate(
     correct: list[float] = []
     fmt: list[float] = []
     lengths: list[int] = []
+    report = RewardReport()
+    console = console if console is not None else FailureConsole()
     try:
         engine.submit(requests)
         while engine.num_unfinished():
             finished = engine.step().finished
             items = [(by_id[g.request_id][0], g.token_ids) for g in finished]
             for g, s in zip(finished, score_generations(scorer, tokenizer, items), strict=True):
+                report.add(s)
+                console.show(s, f"evaluation, {g.request_id}")
                 rewards.append(float(s.reward))
                 correct.append(1.0 if s.correct else 0.0)
                 fmt.append(1.0 if s.format_ok else 0.0)
@@ -110,11 +142,18 @@ def evaluate(
         "response_len_mean": sum(lengths) / n,
         "problems": len(problems),
         "samples": samples,
+        **{k: v for k, v in report.metrics().items() if k.startswith("rewards/")},
+        **({"reward_failures": report.failure_counts()} if report.names else {}),
     }
 
 
 def evaluate_run(
-    cfg: Any, model: Any, tokenizer: Any, scorer: Scorer, problems: Sequence[Problem]
+    cfg: Any,
+    model: Any,
+    tokenizer: Any,
+    scorer: Scorer,
+    problems: Sequence[Problem],
+    console: FailureConsole | None = None,
 ) -> dict[str, Any]:
     """A training run's evaluation: `eval.samples` at `eval.temperature` (greedy by default),
     plus `eval.sampled` samples at the rollout's temperature and top_p (`sampled_accuracy`)."""
@@ -133,6 +172,7 @@ def evaluate_run(
             seed=cfg.seed,
             device=cfg.model.device,
             chat_template=cfg.task.chat_template,
+            console=console,
         )
 
     result: dict[str, Any] = score(cfg.eval.samples, cfg.eval.temperature, 1.0)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from sortedrl.config import TrainConfig
 from sortedrl.errors import ConfigError
+
+#: Updates the progress bar's figures are the means of: one update alone says little (the
+#: last update of a `sorted` round holds its longest and hardest groups).
+RUNNING_MEAN_UPDATES = 10
 
 
 class RunLogger:
@@ -40,7 +45,9 @@ class RunLogger:
         self.trace = _open_log(out / "trace.jsonl", trace_lines)
         self.trace_lines = trace_lines
         self.bar = _progress_bar(progress)
-        self._bar_task = self.bar.add_task("train", total=total_updates, info="")
+        done = metrics_lines if resumed else 0  # a resumed run's bar starts where it goes on
+        self._bar_task = self.bar.add_task("train", total=total_updates, completed=done, info="")
+        self._recent: deque[tuple[float, float, float]] = deque(maxlen=RUNNING_MEAN_UPDATES)
 
     def __enter__(self) -> RunLogger:
         self.bar.__enter__()
@@ -66,11 +73,13 @@ class RunLogger:
             self.tb.add_scalar(k, v, line["step"])
         if self.wandb is not None:
             self.wandb.log(scalars, step=line["step"])
+        self._recent.append((line["reward_mean"], line["accuracy"], line["response_len_mean"]))
+        reward, acc, length = (sum(x) / len(self._recent) for x in zip(*self._recent, strict=True))
         self.bar.update(
             self._bar_task,
             advance=1,
-            info=f"reward {line['reward_mean']:.3f} acc {line['accuracy']:.2f} "
-            f"len {line['response_len_mean']:.0f}",
+            info=f"reward {reward:.3f} acc {acc:.2f} len {length:.0f} "
+            f"(mean of {len(self._recent)} updates)",
         )
 
     def evals(self, before: dict[str, Any], after: dict[str, Any], step: int) -> None:

@@ -17,6 +17,16 @@ from sortedrl.scheduling.state import PromptSpec
 from sortedrl.tasks.base import Problem
 
 _CACHE_FORMAT = 1  # bump when the warm start changes meaning
+#: The files a Hugging Face tokenizer is saved in (any one may be enough).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
 def cache_root() -> Path:
@@ -98,8 +108,21 @@ def _load_hf_model(p: Path) -> tuple[Any, Any]:
         raise ConfigError(f"model.path: {p} is not a directory")
     if not (p / "config.json").is_file():
         raise ConfigError(f"model.path: {p} is not a model directory (no config.json)")
+    no_tokenizer = ConfigError(
+        f"model.path: {p} has no tokenizer (none of {', '.join(TOKENIZER_FILES)} gives one); "
+        f"save yours beside the model with tokenizer.save_pretrained('{p}')"
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if not any((p / name).is_file() for name in TOKENIZER_FILES):
+            raise no_tokenizer from None
+        raise ConfigError(f"model.path: cannot load the tokenizer of {p}: {e}") from None
+    # Without its files transformers may still build a tokenizer of the model's class, with an
+    # empty vocabulary: it encodes every prompt to nothing.
+    if len(tokenizer) < 2 or not tokenizer("1 + 1 = 2", add_special_tokens=False)["input_ids"]:
+        raise no_tokenizer
+    try:
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load {p}: {e}") from None
@@ -133,6 +156,8 @@ class RunProblems:
     specs: list[PromptSpec]
     #: distinct training records of a task read from files (None for generated tasks)
     train_records: int | None = None
+    #: prompts left out as too long for the model (`task.long_prompts=drop`): train, eval
+    too_long: dict[str, int] | None = None
 
     def epochs(self, prompts_trained: int) -> float | None:
         """Passes over the training records after `prompts_trained` prompts (None: generated)."""
@@ -168,10 +193,11 @@ def prepare_prompts(
     *,
     chat_template: bool = True,
     records: int | None = None,
+    too_long: dict[str, int] | None = None,
 ) -> RunProblems:
     """Tokenize the RL prompts (through the chat template when there is one and
     `chat_template` is true); `records` is the task's `train_records`."""
-    from sortedrl.commands.evaluate import prompt_token_ids
+    from sortedrl.commands.evaluate import problem_token_ids
 
     by_id: dict[str, Problem] = {}
     specs = []
@@ -179,7 +205,63 @@ def prepare_prompts(
         if p.prompt_id in by_id:
             raise ConfigError(f"task: duplicate prompt id {p.prompt_id!r}")
         by_id[p.prompt_id] = p
-        ids = prompt_token_ids(tokenizer, p.prompt, chat_template)
+        ids = problem_token_ids(tokenizer, p, chat_template)
         epoch = int(p.meta.get("epoch", 0))
         specs.append(PromptSpec(p.prompt_id, len(ids), ids, epoch, record_id(p)))
-    return RunProblems(train, held_out, by_id, specs, records)
+    return RunProblems(train, held_out, by_id, specs, records, too_long or {"train": 0, "eval": 0})
+
+
+def embedded_run_model(model_dir: Path) -> bool:
+    """Whether `model_dir` is the `model/` a run of the embedded tiny model saved (its
+    summary.json beside it says so)."""
+    try:
+        doc = json.loads((model_dir.parent / "summary.json").read_text(encoding="utf-8"))
+        return model_dir.name == "model" and not doc["config"]["model"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def model_to_evaluate(path: Path) -> tuple[Path | None, Path | None]:
+    """What `sortedrl eval --model PATH` names: (a model directory, None) or (None, a
+    checkpoint). PATH may be a model directory, a run directory (its `model/`, or, before
+    the run finished, its newest complete checkpoint) or a checkpoint directory."""
+    from sortedrl.commands.checkpoint import MANIFEST, complete_checkpoints
+
+    if (path / "config.json").is_file():
+        return path, None
+    if (path / MANIFEST).is_file():
+        return None, path
+    if (path / "model" / "config.json").is_file():
+        return path / "model", None
+    found = complete_checkpoints(path / "checkpoints")
+    if found:
+        return None, found[-1]
+    raise ConfigError(
+        f"--model {path}: not a model directory, a run directory or a checkpoint (no "
+        "config.json, model/config.json, checkpoints/step-*/ or MANIFEST.json)"
+    )
+
+
+def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None, bool]:
+    """(model, tokenizer, step, embedded) of a training checkpoint: the run's model as its
+    settings built it (your model directory, or, `embedded`, the tiny model), with the
+    checkpoint's weights."""
+    from safetensors.torch import load_model
+
+    from sortedrl.commands.checkpoint import load_checkpoint
+    from sortedrl.tasks.registry import build_task
+
+    loaded = load_checkpoint(ckpt)
+    settings = loaded["run"].get("settings") if isinstance(loaded["run"], dict) else None
+    try:
+        cfg = TrainConfig.model_validate(settings)
+    except Exception as e:
+        raise ConfigError(f"{ckpt}/run.json: the run's settings do not load ({e})") from None
+    # The weights come from the checkpoint: the embedded model needs no warm start here.
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"warm_start_steps": 0})})
+    model, tokenizer = prepare_model(cfg, None if cfg.model.path else build_task(cfg.task))
+    try:
+        load_model(model, str(loaded["weights"]))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ConfigError(f"{ckpt}: its weights do not fit the run's model ({e})") from None
+    return model.eval(), tokenizer, loaded["step"], not cfg.model.path

@@ -21,11 +21,18 @@ from sortedrl.scheduling.loop import EngineFailedError, RunResult, run
 from sortedrl.scheduling.metrics import Clock
 from sortedrl.scheduling.protocol import Backend, Engine
 from sortedrl.tasks.base import Score
+from sortedrl.tasks.reward_report import FailureConsole, RewardReport, failure_totals
 from sortedrl.tasks.scoring import Scorer, score_generations
+from sortedrl.tasks.user_rewards import reward_fn_names
 
 
 class NumericalError(SortedRLError):
     """Too many non-finite updates in a row."""
+
+
+class RewardFunctionError(SortedRLError):
+    """One of your reward functions failed on every call for `task.reward_fail_updates`
+    updates in a row: the run stopped with a checkpoint."""
 
 
 class RunInterrupted(SortedRLError):
@@ -54,6 +61,7 @@ class Run:
         state: RunState,
         logger: RunLogger,
         t_start: float,
+        console: FailureConsole | None = None,
     ) -> None:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.problems, self.scorer, self.trainer = problems, scorer, trainer
@@ -62,7 +70,10 @@ class Run:
         self.ckpt_root = out / "checkpoints"
         self.t_start = t_start
         self.elapsed_before = state.elapsed_s
-        self.scores = {(pid, idx): Score(r, c, f) for pid, idx, r, c, f in state.scores}
+        self.scores = {(row[0], row[1]): _score_of(row) for row in state.scores}
+        self.reward_names = reward_fn_names(cfg.task.reward_fns)
+        self.console = console if console is not None else FailureConsole()
+        self.reward_error: RewardFunctionError | None = None  # set: the loop stops
         self.skipped_in_a_row = 0
         self.prompts_trained = sum(int(h["groups"]) for h in state.history)
         self.stop_signum: int | None = None
@@ -88,11 +99,12 @@ class Run:
             results[i] = s
         for key, s in zip(keys, results, strict=True):
             self.scores[tuple(key)] = s
+            self.console.show(s, f"prompt {key[0]!r}")
         return [float(s.reward) for s in results], (time.perf_counter() - t0) if todo else 0.0
 
     def on_update(self, record: Any, batch: Any, result: Any) -> None:
         """Log the update, evaluate and checkpoint when due, stop on non-finite updates."""
-        line = self._metrics_line(record, batch)
+        line, rewards = self._metrics_line(record, batch)
         if self.cfg.eval.every_updates and record.step % self.cfg.eval.every_updates == 0:
             ev = self.evaluate()
             self.state.evals.append({"step": record.step, **ev})
@@ -104,6 +116,7 @@ class Run:
         self.state.trace_lines = self.logger.trace_lines
         if not self.controller.colocated:
             self._snapshot_weights()  # the trainer is idle now: a safe point
+        self._watch_rewards(rewards, record.step)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if record.skipped else 0
         if self.skipped_in_a_row >= self.cfg.max_skipped_updates:
             last = complete_checkpoints(self.ckpt_root)
@@ -133,7 +146,9 @@ class Run:
     # --- the run's own actions ----------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
-        return evaluate_run(self.cfg, self.model, self.tokenizer, self.scorer, self.problems.eval)
+        return evaluate_run(
+            self.cfg, self.model, self.tokenizer, self.scorer, self.problems.eval, self.console
+        )
 
     def checkpoint(self, step: int) -> Path:
         """Write checkpoint `step`: weights, trainer, every RNG, controller and run state."""
@@ -150,9 +165,7 @@ class Run:
         except Exception as e:  # a failed engine: the run resumes with a fresh sampler
             print(f"warning: the engine's sampling RNG is not in this checkpoint ({e})")
         self.state.elapsed_s = self.elapsed_now()
-        self.state.scores = [
-            (k[0], k[1], v.reward, v.correct, v.format_ok) for k, v in self.scores.items()
-        ]
+        self.state.scores = [_score_row(k, v) for k, v in self.scores.items()]
         saved_clock = self.state.clock
         doc = self.state.model_copy(update={"clock": saved_clock.plus(self.clock)}).to_json()
         sharded = getattr(self.trainer, "save_checkpoint", None)  # ranks write their own parts
@@ -201,7 +214,9 @@ class Run:
                     scorer=self.score,
                     on_update=self.on_update,
                     max_updates=self.cfg.max_updates,
-                    should_stop=lambda: self.stop_signum is not None,
+                    should_stop=lambda: (
+                        self.stop_signum is not None or self.reward_error is not None
+                    ),
                     # An engine that restarts itself and gave up stops the run.
                     restart_engine=(
                         None if self.backend.engine_restarts_itself else self.restart_engine
@@ -225,6 +240,11 @@ class Run:
             self.logger.close_logs()
         self.engine = result.engine
         final = self.checkpoint(len(self.state.history))
+        if self.reward_error is not None:
+            raise RewardFunctionError(
+                f"{self.reward_error}; checkpoint written to {final}; fix the function, then "
+                "go on with --resume auto"
+            )
         if result.stopped and self.stop_signum is not None:
             raise RunInterrupted(
                 self.stop_signum,
@@ -276,8 +296,11 @@ class Run:
             "eval_after": eval_after,
             "evals": self.state.evals,
             "train_records": self.problems.train_records,
+            "prompts_too_long": self.problems.too_long,  # too long for the model's context
             "epochs": self.problems.epochs(self.prompts_trained),
             "engine_stats": dict(result.engine.stats),
+            # {function: {kind: count}} over every update of the run (see reward_report)
+            "reward_failures": failure_totals(self.state.history),
             "config": self.cfg.model_dump(mode="json"),
             "out_dir": str(self.ckpt_root.parent),
         }
@@ -300,13 +323,35 @@ class Run:
         weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self.safe_weights = (self.controller.version, weights)
 
-    def _metrics_line(self, record: Any, batch: Any) -> dict[str, Any]:
+    def _watch_rewards(self, rewards: RewardReport, step: int) -> None:
+        """Count the updates in a row on which a function failed on every call; at
+        `task.reward_fail_updates` the loop stops (`execute` checkpoints and raises)."""
+        streak = self.state.reward_fail_streak
+        broken = rewards.failed_every_call()
+        for name in rewards.names:
+            if rewards.calls[name]:
+                streak[name] = streak.get(name, 0) + 1 if name in broken else 0
+        limit = self.cfg.task.reward_fail_updates
+        over = [n for n in rewards.names if limit and streak.get(n, 0) >= limit]
+        if over and self.reward_error is None:
+            name = over[0]
+            kinds = ", ".join(f"{k} {c}" for k, c in sorted(rewards.failures[name].items()))
+            self.reward_error = RewardFunctionError(
+                f"reward function {name!r} failed on every call for {streak[name]} updates in a "
+                f"row (task.reward_fail_updates={limit}; at update {step}: {kinds}); "
+                f"its last message: {rewards.messages[name][-1]}"
+            )
+
+    def _metrics_line(self, record: Any, batch: Any) -> tuple[dict[str, Any], RewardReport]:
         n_correct = n = 0
+        rewards = RewardReport(self.reward_names)
         for g in batch.groups:
             for s in g.samples:
                 sc = self.scores.pop((g.prompt_id, s.sample_index), None)
                 n += 1
                 n_correct += int(bool(sc is not None and sc.correct))
+                if sc is not None:
+                    rewards.add(sc)
         self.state.samples_trained += record.samples
         self.prompts_trained += record.groups
         line: dict[str, Any] = {
@@ -331,7 +376,18 @@ class Run:
         for k, v in record.stats.items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 line[f"train/{k}"] = float(v)
-        return line
+        line.update(rewards.metrics())
+        return line, rewards
+
+
+def _score_row(key: tuple[str, int], s: Score) -> tuple[Any, ...]:
+    row = (key[0], key[1], s.reward, s.correct, s.format_ok)
+    return (*row, list(s.parts)) if s.parts else row
+
+
+def _score_of(row: tuple[Any, ...]) -> Score:
+    parts = tuple((str(n), v, f) for n, v, f in row[5]) if len(row) > 5 else ()
+    return Score(row[2], row[3], row[4], parts=parts)
 
 
 def _to_lists(x: Any) -> Any:

@@ -14,8 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sortedrl.errors import format_validation_error
 from sortedrl.scheduling.metrics import Clock, bubble_ratio, goodput
 
-#: (prompt_id, sample_index, reward, correct, format_ok)
-ScoreRow = tuple[str, int, float, bool, bool]
+#: (prompt_id, sample_index, reward, correct, format_ok), then `Score.parts` where there are
+#: any (your reward functions' values and failures)
+ScoreRow = (
+    tuple[str, int, float, bool, bool]
+    | tuple[str, int, float, bool, bool, list[tuple[str, float | None, str | None]]]
+)
 
 
 class ClockTotals(BaseModel):
@@ -89,6 +93,10 @@ class RunState(BaseModel):
         default_factory=list, description="scores of finished responses not yet trained"
     )
     clock: ClockTotals = Field(default_factory=ClockTotals)
+    reward_fail_streak: dict[str, int] = Field(
+        default_factory=dict,
+        description="updates in a row on which each reward function failed on every call",
+    )
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="python")  # json.dump writes NaN as the old logs did

@@ -23,21 +23,31 @@ from pathlib import Path
 from typing import Any
 
 from sortedrl.commands.checkpoint import MANIFEST, latest_checkpoint, load_checkpoint
-from sortedrl.commands.evaluate import evaluate_run
+from sortedrl.commands.context import check_room, context_positions, fit_prompts
+from sortedrl.commands.evaluate import evaluate_run, problem_token_ids
 from sortedrl.commands.logger import RunLogger
 from sortedrl.commands.prepare import prepare_model, prepare_prompts, problems_of, train_records
-from sortedrl.commands.run import NumericalError, Run, RunInterrupted
+from sortedrl.commands.run import NumericalError, RewardFunctionError, Run, RunInterrupted
 from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
 from sortedrl.errors import ConfigError
 from sortedrl.io import write_json_atomic
 from sortedrl.tasks.registry import build_task
+from sortedrl.tasks.reward_report import FailureConsole
 from sortedrl.tasks.scoring import make_scorer
 
-__all__ = ["NumericalError", "RunInterrupted", "expected_updates", "train"]
+__all__ = ["NumericalError", "RewardFunctionError", "RunInterrupted", "expected_updates", "train"]
 
 #: What a run writes into its output folder; a new run refuses a folder holding any of them.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "trace.jsonl", "summary.json", "tb", "model")
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "trace.jsonl",
+    "summary.json",
+    "tb",
+    "model",
+    "report.png",
+)
 
 
 def train(
@@ -59,10 +69,14 @@ def train(
             f"task.train_prompts={cfg.task.train_prompts} over {records} training records: "
             f"{cfg.task.train_prompts / records:.2f} epochs, reshuffled each time"
         )
-    claim_out_dir(out, resume=bool(cfg.resume), overwrite=overwrite)
+    # A previous run in `out` is refused now; with --overwrite it is removed only once
+    # everything below has been checked and built, just before the logs are opened.
+    previous = previous_run(out, resume=bool(cfg.resume), overwrite=overwrite)
     resumed = find_resume(cfg, out / "checkpoints")
     # Settings first: a checkpoint of another model is refused before its weights are read.
     state = resumed_state(cfg, resumed) if resumed else RunState(settings=run_settings(cfg))
+    if resumed:
+        print(f"resuming from {resumed['path']} at update {len(state.history)}")
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = prepare_model(cfg, task)
@@ -70,23 +84,29 @@ def train(
         load_weights(model, resumed)
     t_model = time.perf_counter() - t_start
     scorer = make_scorer(cfg.task, task)
+    console = FailureConsole()  # your reward functions' first failures, train and eval alike
     backend = None
     try:
+        train_problems, eval_problems, too_long = fit_to_context(
+            cfg, model, tokenizer, train_problems, eval_problems
+        )
         problems = prepare_prompts(
             train_problems,
             eval_problems,
             tokenizer,
             chat_template=cfg.task.chat_template,
             records=records,
+            too_long=too_long,
         )
         if state.eval_before is None:
-            state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems)
+            state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems, console)
             state.evals.append({"step": 0, **state.eval_before})
 
         backend = make_backend(cfg)  # ray: connects and reserves the devices
         trainer = backend.trainer(model)
         model.train()
         controller = start_controller(cfg, problems.specs, trainer, resumed)
+        remove_run(out, previous)  # all is checked and built: the first write into `out`
         logger = RunLogger(
             cfg,
             out,
@@ -110,6 +130,7 @@ def train(
                 state=state,
                 logger=logger,
                 t_start=t_start,
+                console=console,
             )
             if resumed:
                 run.restore_rng(resumed["trainer"]["rng"])
@@ -142,9 +163,14 @@ def pause_for_update(cfg: TrainConfig) -> bool:
 
 
 def claim_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Make `out` this run's folder. A folder holding another run is refused, unless the run
-    goes on from it (`--resume`) or replaces it (`--overwrite`: its outputs are removed first),
-    so two runs never mix their logs or checkpoints."""
+    """Make `out` this run's folder at once (see `previous_run` and `remove_run`)."""
+    remove_run(out, previous_run(out, resume=resume, overwrite=overwrite))
+
+
+def previous_run(out: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """The outputs of a previous run in `out` that `--overwrite` is to remove. A folder holding
+    another run is refused, unless the run goes on from it (`--resume`) or replaces it
+    (`--overwrite`), so two runs never mix their logs or checkpoints."""
     if resume and overwrite:
         raise ConfigError("--overwrite and --resume exclude each other: choose one")
     if out.exists() and not out.is_dir():
@@ -156,13 +182,52 @@ def claim_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
                 f"--out {out}: holds a previous run ({', '.join(found)}); go on from it with "
                 "--resume auto, replace it with --overwrite, or choose another --out"
             )
-        for name in found:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        return found
+    return []
+
+
+def remove_run(out: Path, found: list[str]) -> None:
+    """Remove the previous run's outputs `found` (`previous_run`) and make sure `out` exists."""
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def fit_to_context(
+    cfg: TrainConfig, model: Any, tokenizer: Any, train: list[Any], held_out: list[Any]
+) -> tuple[list[Any], list[Any], dict[str, int]]:
+    """The problems whose prompt and responses fit the model's positions (see
+    `sortedrl.commands.context`); `task.long_prompts` says whether the others are an error or
+    dropped, and how many were dropped is returned (and printed)."""
+    # Your model's positions; the embedded tiny model's are rotary, never learned, and its
+    # config's 512 is nominal (the knights_knaves prompts run past it by design).
+    positions = context_positions(model) if cfg.model.path else None
+    max_new = cfg.scheduler_config().max_new_tokens
+    check_room(positions, max_new, "scheduler.max_new_tokens=")
+
+    def length(p: Any) -> int:
+        return len(problem_token_ids(tokenizer, p, cfg.task.chat_template))
+
+    drop = cfg.task.long_prompts == "drop"
+    kw = dict(drop=drop, setting="scheduler.max_new_tokens=")
+    kept_train, n_train = fit_prompts(train, length, positions, max_new, **kw)
+    kept_eval, n_eval = fit_prompts(held_out, length, positions, max_new, **kw)
+    if n_train or n_eval:
+        print(
+            f"task.long_prompts=drop: dropped {n_train} of {len(train)} training prompts and "
+            f"{n_eval} of {len(held_out)} held-out prompts longer than the model's {positions} "
+            f"positions less scheduler.max_new_tokens={max_new}"
+        )
+    if not kept_train:
+        raise ConfigError(
+            f"task.long_prompts=drop: no training prompt fits the model's {positions} positions "
+            f"with scheduler.max_new_tokens={max_new}"
+        )
+    return kept_train, kept_eval, {"train": n_train, "eval": n_eval}
 
 
 def find_resume(cfg: TrainConfig, ckpt_root: Path) -> dict[str, Any] | None:

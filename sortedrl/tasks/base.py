@@ -18,12 +18,18 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+#: One reward function's share of a Score: (its name, its value or None when it gave none,
+#: its failure as "<kind>: <message>" or None).
+RewardPart = tuple[str, float | None, str | None]
+
+
 @dataclass(frozen=True)
 class Score:
     reward: float
     correct: bool
     format_ok: bool
     error: str | None = None  # set when scoring failed (timeout, crash, oversized output)
+    parts: tuple[RewardPart, ...] = ()  # your reward functions' shares, one per function
 
 
 class Task(Protocol):

@@ -60,6 +60,12 @@ class TaskConfig(BaseModel):
         "summary.json)",
     )
     eval_prompts: int = Field(200, ge=1, description="held-out prompts per evaluation")
+    long_prompts: Literal["error", "drop"] = Field(
+        "error",
+        description="a prompt whose tokens plus scheduler.max_new_tokens exceed the model's "
+        "max_position_embeddings: 'error' names its file and line before any work; 'drop' "
+        "leaves it out and counts it (prompts_too_long in summary.json)",
+    )
     reward_fns: list[str] = Field(
         default_factory=list,
         description="your own rewards, each 'package.module:function', either "
@@ -70,7 +76,16 @@ class TaskConfig(BaseModel):
     reward_weights: list[float] | None = Field(
         None, description="one weight per reward_fns entry; empty: 1 each"
     )
-    reward_timeout_s: float = Field(5.0, gt=0, description="hard limit per reward call")
+    reward_timeout_s: float = Field(
+        5.0, gt=0, description="hard limit per call of a reward function (or the verifier)"
+    )
+    reward_fail_updates: int = Field(
+        3,
+        ge=0,
+        description="stop the run (with a checkpoint and the function's message) when one of "
+        "your reward_fns failed on every call for this many updates in a row; 0: never stop, "
+        "only count (reward_failures/<fn>/<kind> in metrics.jsonl)",
+    )
     reward_workers: int | None = Field(
         None,
         ge=0,

@@ -52,7 +52,7 @@ from sortedrl.tasks.answers import (
 from sortedrl.tasks.base import Problem, Score
 from sortedrl.tasks.data import HELD_OUT_SPLITS, read_rows, saved_splits
 
-PROMPT_KEYS = ("problem", "question")
+PROMPT_KEYS = ("problem", "question", "prompt")
 MAX_RESPONSE_CHARS = 200_000
 RAW_PROMPT = ""
 _PLAIN_WORDS = re.compile(r"[A-Za-z]{2,}(?: [A-Za-z]+)*")  # text answers: compared as text
@@ -64,6 +64,8 @@ class Record:
     answer: str  # "" when the data has none and none is needed
     source: str  # "path:line" for messages
     columns: dict[str, Any] = field(default_factory=dict)  # every column but the prompt's
+    #: a conversational prompt's {role, content} messages (then `problem` is their text)
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 def _lookup(obj: dict[str, Any], names: tuple[str, ...]) -> tuple[str, Any] | None:
@@ -90,7 +92,35 @@ def _answer_text(value: Any, path: str, line: int, key: str) -> str:
     return text
 
 
-def _prompt(obj: dict[str, Any], key: str | None, path: str, line: int) -> tuple[str, str]:
+def _messages(value: list[Any], path: str, line: int, name: str) -> tuple[dict[str, str], ...]:
+    """A conversational prompt (TRL's form): a list of {"role", "content"} string pairs."""
+    if not value:
+        raise InputFileError(path, "is an empty list of messages", line, name)
+    out = []
+    for i, m in enumerate(value, start=1):
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise InputFileError(
+                path,
+                f"message {i}: needs 'role' and 'content' strings, got {str(m)[:60]}",
+                line,
+                name,
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def messages_text(messages: tuple[dict[str, str], ...]) -> str:
+    """A conversational prompt as one text (`Problem.prompt`): a line per message."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _prompt(
+    obj: dict[str, Any], key: str | None, path: str, line: int
+) -> tuple[str, str, tuple[dict[str, str], ...] | None]:
     if key is None:
         found = _lookup(obj, PROMPT_KEYS)
         if found is None:
@@ -101,11 +131,20 @@ def _prompt(obj: dict[str, Any], key: str | None, path: str, line: int) -> tuple
     else:
         raise InputFileError(path, "missing (task.prompt_key)", line, key)
     name, text = found
+    if isinstance(text, list):
+        messages = _messages(text, path, line, name)
+        return name, messages_text(messages), messages
     if not isinstance(text, str):
-        raise InputFileError(path, f"must be a string, got {type(text).__name__}", line, name)
+        raise InputFileError(
+            path,
+            f"must be a string, got {type(text).__name__} (or a list of {{role, content}} "
+            "messages)",
+            line,
+            name,
+        )
     if not text.strip():
         raise InputFileError(path, "is empty", line, name)
-    return name, text
+    return name, text, None
 
 
 def _answer(obj: dict[str, Any], key: str | None, required: bool, path: str, line: int) -> str:
@@ -143,10 +182,10 @@ def to_record(
     """One row as a Record; a bad row raises InputFileError naming the file, line and field."""
     if not isinstance(obj, dict):
         raise InputFileError(path, f"expected a JSON object, got {type(obj).__name__}", line=line)
-    name, text = _prompt(obj, prompt_key, path, line)
+    name, text, messages = _prompt(obj, prompt_key, path, line)
     answer = _answer(obj, answer_key, answer_required, path, line)
     columns = {k: v for k, v in obj.items() if k != name}
-    return Record(problem=text, answer=answer, source=f"{path}:{line}", columns=columns)
+    return Record(text, answer, f"{path}:{line}", columns, messages)
 
 
 def score_answer(problem: Problem, response: str, last_line: bool = True) -> Score:
@@ -233,8 +272,17 @@ class DatasetTask:
         return len(self.records(split))
 
     def to_problem(self, r: Record, prompt_id: str, epoch: int = 0) -> Problem:
+        meta: dict[str, Any] = {"source": r.source, "epoch": epoch, "columns": r.columns}
+        if r.messages is not None:
+            if self.prompt_template:
+                raise ConfigError(
+                    f"task.prompt_template: {r.source}: the prompt is a list of messages, "
+                    "which the chat template renders; a template applies to text prompts only "
+                    "(set task.prompt_template='' for these data)"
+                )
+            meta["messages"] = [dict(m) for m in r.messages]
+            return Problem(prompt_id=prompt_id, prompt=r.problem, answer=r.answer, meta=meta)
         text = self.prompt_template.format(problem=r.problem) if self.prompt_template else r.problem
-        meta = {"source": r.source, "epoch": epoch, "columns": r.columns}
         return Problem(prompt_id=prompt_id, prompt=text, answer=r.answer, meta=meta)
 
     def problems(self, split: str, n: int, seed: int) -> list[Problem]:

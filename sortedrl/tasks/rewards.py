@@ -19,8 +19,12 @@ reaching the scorer. A scorer that raises gives reward 0 with error ``"exception
 
 Per-call times: ``runner.last_durations`` holds, for each item of the last batch, the seconds
 from handing it to the scorer to its answer (a timed-out call counts until it was given up;
-0.0 for an item the size check answered), and ``runner.max_call_s`` the longest over the
-runner's life.
+0.0 for an item the size check answered; for a scorer made of parts, the sum of its parts'
+calls), and ``runner.max_call_s`` the longest single call over the runner's life.
+
+A scorer made of parts (``parts`` and ``combine``: your weighted reward functions, see
+:mod:`sortedrl.tasks.user_rewards`) has each part called on its own, under its own time limit,
+so one function that hangs or dies costs only its own share of the reward.
 
 A task object may define ``warmup()``: each worker calls it once before taking work (e.g. to
 import math-verify), so import time is never charged to a call's time limit.
@@ -82,8 +86,16 @@ def _to_score(value: Any) -> Score:
     )
 
 
-def _call_scorer(scorer: Any, problem: Problem, response: str) -> Score:
+def _call_scorer(
+    scorer: Any,
+    problem: Problem,
+    response: str,
+    token_ids: list[int] | None = None,
+    part: int | None = None,
+) -> Score:
     try:
+        if part is not None:  # one part of a scorer made of parts: it answers with a Score
+            return scorer.parts[part].score(problem, response, token_ids)
         fn = scorer.score if hasattr(scorer, "score") else scorer
         return _to_score(fn(problem, response))
     except BaseException as e:  # noqa: BLE001 - untrusted scorers may raise anything
@@ -95,6 +107,10 @@ def _call_scorer(scorer: Any, problem: Problem, response: str) -> Score:
         except BaseException:  # noqa: BLE001 - a hostile __str__
             msg = f"exception: {type(e).__name__}"
         return Score(0.0, False, False, error=msg[:_MAX_ERROR_CHARS])
+
+
+def _token_ids(item: tuple[Any, ...]) -> list[int] | None:
+    return [int(t) for t in item[2]] if len(item) > 2 and item[2] is not None else None
 
 
 def error_kind(error: str | None) -> str | None:
@@ -142,8 +158,8 @@ def _worker_main(conn: Connection, scorer_bytes: bytes, ppid: int, memory_mb: in
             return
         if msg is None:
             return
-        idx, problem, response = msg
-        conn.send((idx, _call_scorer(scorer, problem, response)))
+        idx, problem, response, token_ids, part = msg
+        conn.send((idx, _call_scorer(scorer, problem, response, token_ids, part)))
 
 
 @contextlib.contextmanager
@@ -253,6 +269,7 @@ class RewardRunner:
         self.errors: Counter[str] = Counter()
         self.calls = 0
         self.last_durations: list[float] = []  # seconds per item of the last batch
+        self._durations: list[float] = []  # seconds per call of the batch being scored
         self.max_call_s = 0.0  # the longest single call so far
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
@@ -319,28 +336,38 @@ class RewardRunner:
     def score(self, problem: Problem, response: str) -> Score:
         return self.score_batch([(problem, response)])[0]
 
-    def score_batch(self, items: Sequence[tuple[Problem, str]]) -> list[Score]:
-        """One Score per item, in order. Returns within about `timeout_s` per item per worker."""
+    def score_batch(self, items: Sequence[tuple[Any, ...]]) -> list[Score]:
+        """One Score per item, in order. Returns within about `timeout_s` per call per worker.
+
+        An item is ``(problem, response)`` or ``(problem, response, token_ids)`` (the response's
+        token ids, for reward functions that ask for them). A scorer with ``parts`` and
+        ``combine`` (your weighted reward functions) has each part called on its own, each
+        under its own time limit, and its ``combine`` makes the item's Score of their answers.
+        """
         if self._closed:
             raise RuntimeError("RewardRunner is closed")
         with self._lock:
             results: list[Score | None] = [None] * len(items)
             self.last_durations = [0.0] * len(items)
-            todo: list[int] = []
-            for i, (problem, response) in enumerate(items):
-                pre = self._precheck(problem, response)
+            parts = getattr(self.scorer, "parts", None) if hasattr(self.scorer, "combine") else None
+            jobs: list[tuple[int, int | None]] = []  # (item, part)
+            for i, item in enumerate(items):
+                pre = self._precheck(item[0], item[1])
                 if pre is not None:
                     results[i] = pre
                 else:
-                    todo.append(i)
+                    jobs += [(i, k) for k in range(len(parts))] if parts else [(i, None)]
+            payloads = [(items[i][0], items[i][1], _token_ids(items[i]), k) for i, k in jobs]
+            answers: list[Score | None] = [None] * len(jobs)
+            self._durations = [0.0] * len(jobs)
             if self.n_workers == 0:
-                for i in todo:
+                for j, payload in enumerate(payloads):
                     t0 = time.monotonic()
-                    results[i] = _call_scorer(self.scorer, items[i][0], items[i][1])
-                    self.last_durations[i] = time.monotonic() - t0
-            elif todo:
+                    answers[j] = _call_scorer(self.scorer, *payload)
+                    self._durations[j] = time.monotonic() - t0
+            elif jobs:
                 try:
-                    self._run_in_workers(items, todo, results)
+                    self._run_in_workers(payloads, answers)
                 except BaseException:
                     # Interrupted (e.g. KeyboardInterrupt): workers still busy with this batch
                     # must not answer the next one.
@@ -351,21 +378,29 @@ class RewardRunner:
                                 self._workers[self._workers.index(w)] = self._spawn()
                             w.kill()
                     raise
+            for s in [*results, *answers]:
+                kind = error_kind(s.error) if s is not None else None
+                if kind is not None:
+                    self.errors[kind if kind in ERROR_KINDS else "scorer_error"] += 1
+            by_item: dict[int, list[Score]] = {}
+            for (i, _), answer, t in zip(jobs, answers, self._durations, strict=True):
+                assert answer is not None
+                by_item.setdefault(i, []).append(answer)
+                self.last_durations[i] += t
+            for i, got in by_item.items():
+                results[i] = self.scorer.combine(items[i][0], items[i][1], got) if parts else got[0]
             out: list[Score] = []
             for s in results:
                 assert s is not None
                 out.append(s)
-                kind = error_kind(s.error)
-                if kind is not None:
-                    self.errors[kind if kind in ERROR_KINDS else "scorer_error"] += 1
             self.calls += len(items)
-            self.max_call_s = max(self.max_call_s, *self.last_durations, 0.0)
+            self.max_call_s = max(self.max_call_s, *self._durations, 0.0)
             return out
 
-    def _run_in_workers(
-        self, items: Sequence[tuple[Problem, str]], todo: list[int], results: list[Score | None]
-    ) -> None:
-        queue = list(reversed(todo))  # pop() takes the next item in order
+    def _run_in_workers(self, payloads: list[tuple[Any, ...]], results: list[Score | None]) -> None:
+        """Each payload (problem, response, token_ids, part) scored in a worker: `results`
+        and `self._durations` are filled in, by payload index."""
+        queue = list(reversed(range(len(payloads))))  # pop() takes the next one in order
         resent: set[int] = set()  # items sent to a worker that was found dead before scoring
         while queue or any(w.item is not None for w in self._workers):
             if not self._workers:  # pragma: no cover - _replace raises before this happens
@@ -376,7 +411,7 @@ class RewardRunner:
                     continue
                 i = queue.pop()
                 try:
-                    w.conn.send((i, items[i][0], items[i][1]))
+                    w.conn.send((i, *payloads[i]))
                 except (OSError, EOFError):  # the worker died while idle
                     if i in resent:
                         results[i] = Score(0.0, False, False, error="worker_died: on send")
@@ -411,7 +446,7 @@ class RewardRunner:
             for w in list(self._workers):
                 if w.item is not None and now >= w.deadline:
                     results[w.item] = Score(0.0, False, False, error="timeout")
-                    self.last_durations[w.item] = now - w.sent_at
+                    self._durations[w.item] = now - w.sent_at
                     w.item = None
                     self._replace(w, failed_start=False)
                 elif not w.ready and now >= w.started + _START_TIMEOUT_S:
@@ -435,7 +470,7 @@ class RewardRunner:
             if i is not None:
                 code = w.proc.exitcode
                 results[i] = Score(0.0, False, False, error=f"worker_died: exit code {code}")
-                self.last_durations[i] = time.monotonic() - w.sent_at
+                self._durations[i] = time.monotonic() - w.sent_at
             self._replace(w, failed_start=False)
             return
         if msg[0] == "ready":
@@ -445,7 +480,7 @@ class RewardRunner:
         idx, score = msg
         if idx == w.item:
             results[idx] = score if isinstance(score, Score) else _to_score(score)
-            self.last_durations[idx] = time.monotonic() - w.sent_at
+            self._durations[idx] = time.monotonic() - w.sent_at
             w.item, w.deadline = None, math.inf
 
     def _replace(self, w: _Worker, failed_start: bool) -> None:
@@ -479,10 +514,18 @@ def load_reward_fn(spec: str) -> Callable[[Problem, str], float | Score]:
     mod_name, attr_path = (s.strip() for s in spec.split(":"))
     if not mod_name or not attr_path:
         raise ConfigError(f"{where}: expected 'package.module:function'")
+    # As `python -m` has it: a module in the current directory imports, here and in the
+    # sandbox's workers (spawned processes start with this process's sys.path).
+    cwd = os.getcwd()
+    if not any(p in ("", cwd) for p in sys.path):
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
-        raise ConfigError(f"{where}: module {e.name!r} not found") from None
+        raise ConfigError(
+            f"{where}: module {e.name!r} not found (in the current directory {cwd} or on "
+            "sys.path); put the folder that holds it on PYTHONPATH"
+        ) from None
     except Exception as e:
         raise ConfigError(
             f"{where}: importing {mod_name!r} failed: {type(e).__name__}: {e}"

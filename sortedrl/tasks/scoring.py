@@ -23,7 +23,7 @@ DEFAULT_SANDBOX_WORKERS = 2
 
 
 class Scorer(Protocol):
-    def score_batch(self, items: Sequence[tuple[Problem, str]]) -> list[Score]:
+    def score_batch(self, items: Sequence[tuple[Any, ...]]) -> list[Score]:
         """One Score per (problem, response), in order."""
         ...
 
@@ -72,4 +72,7 @@ def score_generations(
     against its problem."""
     if not items:
         return []
-    return scorer.score_batch([(problem, decode(tokenizer, ids)) for problem, ids in items])
+    # The token ids go along for reward functions that take TRL's `completion_ids`.
+    return scorer.score_batch(
+        [(problem, decode(tokenizer, ids), list(ids or [])) for problem, ids in items]
+    )
