@@ -338,7 +338,26 @@ def _print_sim_table(doc: dict[str, Any]) -> None:
     out.print(table)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+def _train_help() -> str:
+    """`sortedrl train --help`: the engines and tasks as their registries list them."""
+    from sortedrl.engines.config import RolloutConfig
+    from sortedrl.engines.registry import ENGINES
+    from sortedrl.tasks.config import TaskConfig
+    from sortedrl.tasks.registry import TASKS
+
+    def names(registry: dict[str, Any], default: str) -> str:
+        return ", ".join(f"{n} (default)" if n == default else n for n in registry)
+
+    return (
+        "RL-train a model on a task with GRPO; KEY=VALUE overrides settings.\n\n\b\n"
+        f"Engines (rollout.engine): {names(ENGINES, RolloutConfig().engine)}.\n"
+        f"Tasks (task.name): {names(TASKS, TaskConfig().name)}.\n"
+        "Example: sortedrl train scheduler.policy=sync rollout.engine=vllm trainer.lr=5e-5\n"
+        "Every setting, its default and its description: sortedrl config"
+    )
+
+
+@main.command(context_settings={"ignore_unknown_options": True}, help=_train_help())
 @click.option("--config", "config_path", type=click.Path(), help="YAML file of settings")
 @click.option("--out", "out_dir", default="runs/train", show_default=True, help="output folder")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
@@ -364,8 +383,6 @@ def train(
     overwrite: bool,
     overrides: tuple[str, ...],
 ) -> None:
-    """RL-train a model on a task (GRPO, transformers engine); KEY=VALUE overrides settings,
-    e.g. `scheduler.group_size=8 scheduler.policy=sync`."""
     from sortedrl.commands.train import RunInterrupted
     from sortedrl.commands.train import train as run_train
     from sortedrl.config import load_config
@@ -385,6 +402,16 @@ def train(
         f"bubble ratio {s['bubble_ratio']:.1%}; {s['updates']} updates in {s['wall_time_s']:.0f} s"
     )
     console.print(f"wrote {out_dir}/summary.json, metrics.jsonl, report.png, model/, tb/")
+
+
+@main.command(name="config")
+@friendly_errors
+def config_command() -> None:
+    """Print every `sortedrl train` setting with its default and description, as YAML
+    (`sortedrl config > my.yaml`, edit, then `sortedrl train --config my.yaml`)."""
+    from sortedrl.config import defaults_yaml
+
+    click.echo(defaults_yaml(), nl=False)
 
 
 @main.command(name="eval")

@@ -199,3 +199,40 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return cfg
+
+
+def defaults_yaml() -> str:
+    """Every `sortedrl train` setting with its default, as a YAML file of sections, each
+    field preceded by its description as a comment (`sortedrl config`). Loading it back gives
+    the defaults."""
+    lines = [
+        "# sortedrl train: every setting and its default. Edit and pass with --config FILE,",
+        "# or set one on the command line as a dotted override (scheduler.group_size=8).",
+        "",
+    ]
+    _describe(TrainConfig(), lines, indent="")
+    return "\n".join(lines) + "\n"
+
+
+def _describe(model: BaseModel, lines: list[str], indent: str) -> None:
+    import textwrap
+
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if field.description:
+            width = max(40, 96 - len(indent))
+            for text in textwrap.wrap(field.description, width):
+                lines.append(f"{indent}# {text}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:")
+            _describe(value, lines, indent + "  ")
+            continue
+        dumped = yaml.safe_dump(
+            {name: value if not isinstance(value, tuple) else list(value)},
+            default_flow_style=True,
+            sort_keys=False,
+            width=10_000,
+        ).strip()
+        if dumped.startswith("{") and dumped.endswith("}"):
+            dumped = dumped[1:-1]
+        lines.append(f"{indent}{dumped}")

@@ -42,12 +42,12 @@ def test_round_trip_and_keep_the_newest(tmp_path):
     names = [p.name for p in complete_checkpoints(tmp_path)]
     assert names == ["step-00000003", "step-00000004"]
     ck = load_checkpoint(tmp_path / "step-00000004")
-    assert ck["step"] == 4 and ck["trainer"]["step"] == 4
-    assert ck["controller"] == {"format": 1, "step": 4}
+    assert ck.step == 4 and ck.trainer_state["step"] == 4
+    assert ck.controller == {"format": 1, "step": 4}
     from safetensors.torch import load_model
 
     m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    load_model(m, str(ck["weights"]))
+    load_model(m, str(ck.weights))
     assert all(
         torch.equal(a, b) for a, b in zip(m.parameters(), _model().parameters(), strict=True)
     )
@@ -73,7 +73,7 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, da
         with pytest.raises(CheckpointError, match=str(newest.name)):
             load_checkpoint(newest)
     found, warnings = latest_checkpoint(tmp_path)
-    assert found is not None and found["step"] == 1
+    assert found is not None and found.step == 1
     assert len(warnings) == (0 if damage == "delete_manifest" else 1)
 
 
@@ -113,7 +113,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
         _save(tmp_path, 2)
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # no partial directory
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
-    assert load_checkpoint(previous)["step"] == 1
+    assert load_checkpoint(previous).step == 1
 
 
 def test_a_new_checkpoint_is_never_pruned_by_older_higher_names(tmp_path):
@@ -125,7 +125,7 @@ def test_a_new_checkpoint_is_never_pruned_by_older_higher_names(tmp_path):
     assert new.is_dir()
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000020"]
     found, _ = latest_checkpoint(tmp_path)
-    assert found is not None and found["step"] == 20
+    assert found is not None and found.step == 20
 
 
 def test_pruning_keeps_the_newest_by_step_number(tmp_path):
@@ -186,7 +186,7 @@ def test_a_real_full_disk_is_caught_from_either_writer(tmp_path, limit, writer):
     assert "could not write checkpoint" in res.stdout and "step-00000002" in res.stdout
     assert "step-00000001 is intact" in res.stdout
     assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no temporary dir
-    assert load_checkpoint(root / "step-00000001")["step"] == 1
+    assert load_checkpoint(root / "step-00000001").step == 1
     size = (root / "step-00000001" / "model.safetensors").stat().st_size
     assert (limit < size) == (writer == "safetensors")  # the intended writer failed
 
@@ -209,15 +209,15 @@ def test_a_sharded_trainer_part_is_in_the_manifest_and_verified(tmp_path):
         controller_state={"format": 3},
         run_state={},
         keep=2,
-        sharded=_write_shards,
+        trainer_part=_write_shards,
     )
     loaded = load_checkpoint(ck)
-    assert loaded["trainer_dcp"] == ck / "trainer_dcp"
+    assert loaded.trainer_dcp == ck / "trainer_dcp"
     files = json.loads((ck / "MANIFEST.json").read_text())["files"]
     assert {"trainer_dcp/__0_0.distcp", "trainer_dcp/__1_0.distcp", "trainer_dcp/.metadata"} <= set(
         files
     )
-    assert load_checkpoint(_save(tmp_path / "plain", 1))["trainer_dcp"] is None
+    assert load_checkpoint(_save(tmp_path / "plain", 1)).trainer_dcp is None
     (ck / "trainer_dcp" / "__1_0.distcp").write_bytes(b"\0" * 100)  # one rank's part damaged
     with pytest.raises(CheckpointError, match="__1_0.distcp: damaged"):
         load_checkpoint(ck)

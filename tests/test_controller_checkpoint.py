@@ -12,10 +12,17 @@ from hypothesis import strategies as st
 
 from sortedrl.scheduling.checkpoint_format import CHECKPOINT_FORMAT
 from sortedrl.scheduling.config import SchedulerConfig
-from sortedrl.scheduling.controller import Controller, controller_state, restore_controller
+from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import run
 from sortedrl.scheduling.state import PromptSpec
 from tests.stepping_engine import SteppingEngine, UnitTrainer
+
+
+def _restored(config, prompts, state):
+    """A controller built from `config` and `prompts` that goes on from `state`."""
+    ctl = Controller(config, prompts)
+    ctl.load_state_dict(state)
+    return ctl
 
 
 def _lengths(seed: int):
@@ -130,11 +137,11 @@ def test_restore_refuses_other_settings_or_short_data():
     )
     ctl = Controller(cfg, _prompts(8))
     run(ctl, SteppingEngine(4, _lengths(0)), UnitTrainer(), max_updates=1)
-    state = controller_state(ctl)
+    state = ctl.state_dict()
     with pytest.raises(ValueError, match="update_batch"):
-        restore_controller(cfg.model_copy(update={"update_batch": 1}), _prompts(8), state)
+        _restored(cfg.model_copy(update={"update_batch": 1}), _prompts(8), state)
     with pytest.raises(ValueError, match="shorter"):
-        restore_controller(cfg, _prompts(2), state)
+        _restored(cfg, _prompts(2), state)
 
 
 def test_a_checkpoint_written_before_state_dict_existed_still_loads():
@@ -154,8 +161,8 @@ def test_a_checkpoint_written_before_state_dict_existed_still_loads():
         update_pacing=False,  # the run before update pacing existed
     )
     assert old["format"] == 1 and "max_staleness" in old["ledger"]["updates"][0]
-    ctl = restore_controller(cfg, _prompts(20), old)
-    new = json.loads(json.dumps(controller_state(ctl)))
+    ctl = _restored(cfg, _prompts(20), old)
+    new = json.loads(json.dumps(ctl.state_dict()))
     assert new["format"] == CHECKPOINT_FORMAT
     assert (
         new["ledger"]["updates"][0]["max_staleness_trained"]

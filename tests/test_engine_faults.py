@@ -8,7 +8,7 @@ import random
 import pytest
 
 from sortedrl.scheduling.config import SchedulerConfig
-from sortedrl.scheduling.controller import Controller, controller_state
+from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import EngineFailedError, run
 from sortedrl.scheduling.state import PromptSpec
 from tests.stepping_engine import SteppingEngine, UnitTrainer
@@ -82,7 +82,7 @@ def test_an_engine_that_keeps_failing_stops_the_run_cleanly():
             max_engine_failures=3,
         )
     # Nothing is lost: the controller holds every response and can be checkpointed.
-    state = controller_state(ctl)
+    state = ctl.state_dict()
     assert (
         state["ledger"]["prompts_admitted"]
         == len(state["groups"]) + state["ledger"]["prompts_trained"]
@@ -103,4 +103,4 @@ def test_should_stop_leaves_a_consistent_controller():
         == s["prompts_trained"] + s["prompts_dropped"] + s["prompts_in_flight"]
     )
     assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"] + s["tokens_in_flight"]
-    controller_state(ctl)  # nothing running: a checkpoint can be taken
+    ctl.state_dict()  # nothing running: a checkpoint can be taken

@@ -97,13 +97,14 @@ def test_the_run_does_not_score_again_what_a_replica_scored():
     problems = {p: Problem(p, "abc", "cba") for p in ("p0", "p1")}
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: "x" * len(ids))
     scorer = _CountingScorer()
-    run = SimpleNamespace(prompts=SimpleNamespace(by_id=problems), tokenizer=tok, scorer=scorer)
+    run = SimpleNamespace(problems=SimpleNamespace(by_id=problems), tokenizer=tok, scorer=scorer)
+    run.console = SimpleNamespace(show=lambda score, where: None)  # the reward-failure console
     run.scores = {}
     pre = Generation("r0", "stop", 2, [(0, 2)], [5, 6], [-0.1, -0.2], Score(1.0, True, True))
     new = Generation("r1", "stop", 3, [(0, 3)], [5, 6, 7], [-0.1, -0.2, -0.3])
     rewards, seconds = Run.score(run, [pre, new], [("p0", 0), ("p1", 1)])
     assert rewards == [1.0, 0.25]
-    assert [(p.prompt_id, text) for p, text in scorer.items] == [("p1", "xxx")]
+    assert [(p.prompt_id, text) for p, text, _ in scorer.items] == [("p1", "xxx")]
     assert run.scores[("p0", 0)].correct and not run.scores[("p1", 1)].correct
     rewards, seconds = Run.score(run, [pre], [("p0", 0)])
     assert rewards == [1.0] and seconds == 0.0 and len(scorer.items) == 1

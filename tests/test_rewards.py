@@ -7,7 +7,8 @@ import pytest
 from sortedrl.errors import ConfigError
 from sortedrl.tasks.base import Problem, Score
 from sortedrl.tasks.countdown import SyntheticTask, reference_solution
-from sortedrl.tasks.rewards import RewardRunner, RewardWorkerError, error_kind, load_reward_fn
+from sortedrl.tasks.rewards import RewardRunner, RewardWorkerError, error_kind
+from sortedrl.tasks.user_rewards import load_reward_fn
 
 TIMEOUT = 1.0
 SLACK = 4.0  # scheduling noise on a loaded 2-core machine

@@ -69,7 +69,7 @@ def test_the_docs_table_of_trl_names_is_the_one_the_errors_use():
 
 
 def test_a_reward_module_in_the_current_directory_is_found(tmp_path, monkeypatch):
-    from sortedrl.tasks.rewards import load_reward_fn
+    from sortedrl.tasks.user_rewards import load_reward_fn
 
     (tmp_path / "cwd_rewards_mod.py").write_text("def fn(problem, response):\n    return 1.0\n")
     monkeypatch.chdir(tmp_path)

@@ -99,7 +99,7 @@ def test_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tiny, tmp_
     from sortedrl.commands.checkpoint import latest_checkpoint
 
     found, warnings = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    assert found is not None and found["step"] == 6 and not warnings
+    assert found is not None and found.step == 6 and not warnings
 
 
 def test_untrusted_rewards_are_sandboxed_by_default(tmp_path):

@@ -157,19 +157,24 @@ class RayTrainerGroup:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, dir: Path) -> None:
-        """Write the sharded model, optimizer, schedule, counters and mini-batch RNG into `dir`
-        (torch.distributed.checkpoint: each rank writes its own part; on several nodes `dir`
-        must be on storage they share)."""
-        Path(dir).mkdir(parents=True, exist_ok=True)
-        self._call("save", str(dir))
+    def save_checkpoint(self, folder: str) -> None:
+        """Write the sharded model, optimizer, schedule, counters and mini-batch RNG into
+        `folder` (torch.distributed.checkpoint: each rank writes its own part; on several
+        nodes `folder` must be on storage they share). Nothing goes into `trainer.pt`."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self._call("save", str(folder))
 
-    def load_checkpoint(self, dir: Path) -> None:
+    def load_checkpoint(self, folder: str | None, state: dict[str, Any] | None) -> None:
         """Restore what `save_checkpoint` wrote, resharded to this group's size, and the
         weights into the driver's model."""
-        if not Path(dir).is_dir():
-            raise SortedRLError(f"{dir}: no trainer checkpoint (not a directory)")
-        weights = self._call("load", str(dir))[0]
+        if folder is None:
+            raise ValueError(
+                "its trainer state was written with cluster.backend=local, and this run uses "
+                "cluster.backend=ray; resume with the backend that wrote it"
+            )
+        if not Path(folder).is_dir():
+            raise SortedRLError(f"{folder}: no trainer checkpoint (not a directory)")
+        weights = self._call("load", str(folder))[0]
         self.model.load_state_dict(weights)
 
     # --- lifetime ------------------------------------------------------------------------------

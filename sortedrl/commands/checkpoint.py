@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,19 @@ PREFIX = "step-"
 
 class CheckpointError(SortedRLError):
     pass
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint, verified against its manifest and read (`load_checkpoint`)."""
+
+    path: Path
+    step: int | None
+    weights: Path  # model.safetensors: load with safetensors.torch.load_model
+    trainer_state: dict[str, Any]  # trainer.pt: "trainer" (the trainer's part or None), "rng"
+    controller: dict[str, Any]  # controller.json
+    run: dict[str, Any]  # run.json
+    trainer_dcp: Path | None  # the trainer's sharded part, or None when trainer.pt holds it
 
 
 def _sha256(path: Path) -> str:
@@ -72,7 +86,7 @@ def save_checkpoint(
     controller_state: dict[str, Any],
     run_state: dict[str, Any],
     keep: int,
-    sharded: Callable[[Path], None] | None = None,
+    trainer_part: Callable[[Path], dict[str, Any] | None] | None = None,
 ) -> Path:
     """Write checkpoint `step` under `root`, then prune: of the checkpoints of steps up to
     `step`, the newest `keep` by step number stay (this one always among them); any of a later
@@ -82,14 +96,16 @@ def save_checkpoint(
     temporary directory is removed, the previous checkpoints are untouched, and a
     `CheckpointError` names both this checkpoint and the previous one.
 
-    `sharded(folder)`, when given, writes the trainer's sharded state into `trainer_dcp/`
-    (every rank its part); its files are in the manifest like the others."""
+    `trainer_part(folder)`, when given, is the trainer's part (`CheckpointedTrainer.
+    save_checkpoint`): what it returns goes into `trainer.pt` under "trainer"; a sharded trainer
+    writes into `folder` (`trainer_dcp/`, every rank its part) instead, and those files are in
+    the manifest like the others."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_files(tmp, step, model, trainer_state, controller_state, run_state, sharded)
+        _write_files(tmp, step, model, trainer_state, controller_state, run_state, trainer_part)
         if final.exists():  # a rerun of the same step (after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -123,7 +139,7 @@ def _write_files(
     trainer_state: dict[str, Any],
     controller_state: dict[str, Any],
     run_state: dict[str, Any],
-    sharded: Callable[[Path], None] | None,
+    trainer_part: Callable[[Path], dict[str, Any] | None] | None,
 ) -> None:
     import torch
     from safetensors.torch import save_model
@@ -134,12 +150,13 @@ def _write_files(
     pause = float(os.environ.get("SORTEDRL_TEST_CHECKPOINT_PAUSE_S", "0") or 0)
     if pause > 0:
         time.sleep(pause)
+    if trainer_part is not None:
+        trainer_state = {**trainer_state, "trainer": trainer_part(tmp / SHARDED)}
     torch.save(trainer_state, tmp / "trainer.pt")
     _write_json(tmp / "controller.json", controller_state)
     _write_json(tmp / "run.json", run_state)
     names = list(FILES)
-    if sharded is not None:
-        sharded(tmp / SHARDED)
+    if (tmp / SHARDED).is_dir():
         names += sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDED).rglob("*") if p.is_file())
     for name in names:
         _fsync(tmp / name)
@@ -168,7 +185,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: (checkpoint_step(p), p.name))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path) -> Checkpoint:
     """Verify and read one checkpoint; a damaged one raises `CheckpointError` naming the file."""
     import torch
 
@@ -202,19 +219,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         run_state = json.loads((path / "run.json").read_text(encoding="utf-8"))
     except Exception as e:  # anything unreadable is a damaged checkpoint, never a crash
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
-    return {
-        "path": path,
-        "step": manifest.get("step"),
-        "weights": path / "model.safetensors",  # load with safetensors.torch.load_model
-        "trainer": trainer_state,
-        "controller": controller_state,
-        "run": run_state,
-        # the trainer's sharded state (see SHARDED), or None when trainer.pt holds it
-        "trainer_dcp": path / SHARDED if any(n.startswith(SHARDED + "/") for n in files) else None,
-    }
+    return Checkpoint(
+        path=path,
+        step=manifest.get("step"),
+        weights=path / "model.safetensors",
+        trainer_state=trainer_state,
+        controller=controller_state,
+        run=run_state,
+        trainer_dcp=path / SHARDED if any(n.startswith(SHARDED + "/") for n in files) else None,
+    )
 
 
-def latest_checkpoint(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
+def latest_checkpoint(root: Path) -> tuple[Checkpoint | None, list[str]]:
     """The newest checkpoint that loads, and a warning for each newer one that did not."""
     warnings: list[str] = []
     for path in reversed(complete_checkpoints(root)):

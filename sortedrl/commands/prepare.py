@@ -252,7 +252,7 @@ def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None, bool]:
     from sortedrl.tasks.registry import build_task
 
     loaded = load_checkpoint(ckpt)
-    settings = loaded["run"].get("settings") if isinstance(loaded["run"], dict) else None
+    settings = loaded.run.get("settings") if isinstance(loaded.run, dict) else None
     try:
         cfg = TrainConfig.model_validate(settings)
     except Exception as e:
@@ -261,7 +261,7 @@ def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None, bool]:
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"warm_start_steps": 0})})
     model, tokenizer = prepare_model(cfg, None if cfg.model.path else build_task(cfg.task))
     try:
-        load_model(model, str(loaded["weights"]))
+        load_model(model, str(loaded.weights))
     except (RuntimeError, ValueError, OSError) as e:
         raise ConfigError(f"{ckpt}: its weights do not fit the run's model ({e})") from None
-    return model.eval(), tokenizer, loaded["step"], not cfg.model.path
+    return model.eval(), tokenizer, loaded.step, not cfg.model.path

@@ -16,10 +16,10 @@ from sortedrl.commands.prepare import RunProblems
 from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
 from sortedrl.errors import SortedRLError, TrainerFailedError
-from sortedrl.scheduling.controller import Controller, controller_state
+from sortedrl.scheduling.controller import Controller
 from sortedrl.scheduling.loop import EngineFailedError, RunResult, run
 from sortedrl.scheduling.metrics import Clock
-from sortedrl.scheduling.protocol import Backend, Engine
+from sortedrl.scheduling.protocol import Backend, CheckpointedTrainer, Engine
 from sortedrl.tasks.base import Score
 from sortedrl.tasks.reward_report import FailureConsole, RewardReport, failure_totals
 from sortedrl.tasks.scoring import Scorer, score_generations
@@ -55,7 +55,7 @@ class Run:
         tokenizer: Any,
         problems: RunProblems,
         scorer: Scorer,
-        trainer: Any,
+        trainer: CheckpointedTrainer,
         backend: Backend,
         controller: Controller,
         state: RunState,
@@ -67,6 +67,7 @@ class Run:
         self.problems, self.scorer, self.trainer = problems, scorer, trainer
         self.backend = backend  # builds the engine (sortedrl.commands.backend)
         self.controller, self.state, self.logger = controller, state, logger
+        self.out = out
         self.ckpt_root = out / "checkpoints"
         self.t_start = t_start
         self.elapsed_before = state.elapsed_s
@@ -168,14 +169,13 @@ class Run:
         self.state.scores = [_score_row(k, v) for k, v in self.scores.items()]
         saved_clock = self.state.clock
         doc = self.state.model_copy(update={"clock": saved_clock.plus(self.clock)}).to_json()
-        sharded = getattr(self.trainer, "save_checkpoint", None)  # ranks write their own parts
         return save_checkpoint(
             self.ckpt_root,
             step,
             model=self.model,
-            trainer_state={"trainer": None if sharded else self.trainer.state_dict(), "rng": rng},
-            sharded=sharded,
-            controller_state=controller_state(self.controller),
+            trainer_state={"trainer": None, "rng": rng},  # "trainer": the trainer's own part
+            trainer_part=lambda folder: self.trainer.save_checkpoint(str(folder)),
+            controller_state=self.controller.state_dict(),
             run_state=doc,
             keep=self.cfg.checkpoint.keep,
         )
@@ -302,7 +302,7 @@ class Run:
             # {function: {kind: count}} over every update of the run (see reward_report)
             "reward_failures": failure_totals(self.state.history),
             "config": self.cfg.model_dump(mode="json"),
-            "out_dir": str(self.ckpt_root.parent),
+            "out_dir": str(self.out),
         }
         doc["loop_time_s"] = doc["wall_time_s"]  # the run loop's time, every segment
         doc["wall_time_s"] = self.elapsed_now()  # preparation and evaluation included

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sortedrl.commands.checkpoint import MANIFEST, latest_checkpoint, load_checkpoint
+from sortedrl.commands.checkpoint import MANIFEST, Checkpoint, latest_checkpoint, load_checkpoint
 from sortedrl.commands.context import check_room, context_positions, fit_prompts
 from sortedrl.commands.evaluate import evaluate_run, problem_token_ids
 from sortedrl.commands.logger import RunLogger
@@ -32,6 +32,8 @@ from sortedrl.commands.runstate import RunState
 from sortedrl.config import TrainConfig
 from sortedrl.errors import ConfigError
 from sortedrl.io import write_json_atomic
+from sortedrl.scheduling.controller import Controller
+from sortedrl.scheduling.protocol import CheckpointedTrainer
 from sortedrl.tasks.registry import build_task
 from sortedrl.tasks.reward_report import FailureConsole
 from sortedrl.tasks.scoring import make_scorer
@@ -76,7 +78,7 @@ def train(
     # Settings first: a checkpoint of another model is refused before its weights are read.
     state = resumed_state(cfg, resumed) if resumed else RunState(settings=run_settings(cfg))
     if resumed:
-        print(f"resuming from {resumed['path']} at update {len(state.history)}")
+        print(f"resuming from {resumed.path} at update {len(state.history)}")
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = prepare_model(cfg, task)
@@ -133,7 +135,7 @@ def train(
                 console=console,
             )
             if resumed:
-                run.restore_rng(resumed["trainer"]["rng"])
+                run.restore_rng(resumed.trainer_state["rng"])
             result = run.execute(pause_for_update=pause_for_update(cfg))
 
             eval_after = run.finish(out, result)
@@ -144,7 +146,7 @@ def train(
             backend.close()
         scorer.close()
 
-    resumed_from = str(resumed["path"]) if resumed else None
+    resumed_from = str(resumed.path) if resumed else None
     summary = run.summary(result, eval_after, resumed_from=resumed_from, model_time_s=t_model)
     write_json_atomic(str(out / "summary.json"), summary)
     return summary
@@ -230,7 +232,7 @@ def fit_to_context(
     return kept_train, kept_eval, {"train": n_train, "eval": n_eval}
 
 
-def find_resume(cfg: TrainConfig, ckpt_root: Path) -> dict[str, Any] | None:
+def find_resume(cfg: TrainConfig, ckpt_root: Path) -> Checkpoint | None:
     """The checkpoint to go on from, per `cfg.resume`; damaged ones are skipped with a warning."""
     if not cfg.resume:
         return None
@@ -251,65 +253,50 @@ def find_resume(cfg: TrainConfig, ckpt_root: Path) -> dict[str, Any] | None:
     return found
 
 
-def resumed_state(cfg: TrainConfig, resumed: dict[str, Any]) -> RunState:
+def resumed_state(cfg: TrainConfig, resumed: Checkpoint) -> RunState:
     """The checkpoint's run state, once its settings are known to match `cfg`'s."""
     try:
-        state = RunState.from_json(resumed["run"], f"{resumed['path']}/run.json")
+        state = RunState.from_json(resumed.run, f"{resumed.path}/run.json")
     except ValueError as e:
         raise ConfigError(f"cannot resume: {e}") from None
     now = run_settings(cfg)
     if state.settings != now:
         diff = sorted(_flat_diff(state.settings, now))
         raise ConfigError(
-            f"cannot resume from {resumed['path']}: settings differ from the checkpointed "
+            f"cannot resume from {resumed.path}: settings differ from the checkpointed "
             f"run's ({', '.join(diff)}); resume with the same settings or start a new --out"
         )
     return state
 
 
-def load_weights(model: Any, resumed: dict[str, Any]) -> None:
+def load_weights(model: Any, resumed: Checkpoint) -> None:
     from safetensors.torch import load_model
 
     try:
-        load_model(model, str(resumed["weights"]))
+        load_model(model, str(resumed.weights))
     except (RuntimeError, ValueError, OSError) as e:
         raise ConfigError(
-            f"cannot resume from {resumed['path']}: its weights do not fit the model "
-            f"({str(e)[:300]})"
+            f"cannot resume from {resumed.path}: its weights do not fit the model ({str(e)[:300]})"
         ) from None
 
 
 def start_controller(
-    cfg: TrainConfig, specs: list[Any], trainer: Any, resumed: dict[str, Any] | None
-) -> Any:
+    cfg: TrainConfig, specs: list[Any], trainer: CheckpointedTrainer, resumed: Checkpoint | None
+) -> Controller:
     """A fresh controller over `specs`, or the checkpoint's (and its trainer state restored)."""
-    from sortedrl.scheduling.controller import Controller, restore_controller
-
     if not resumed:
         return Controller(cfg.scheduler_config(), specs)
     try:
-        controller = restore_controller(cfg.scheduler_config(), specs, resumed["controller"])
+        controller = Controller(cfg.scheduler_config(), specs)
+        controller.load_state_dict(resumed.controller)
     except ValueError as e:
-        raise ConfigError(f"cannot resume from {resumed['path']}: {e}") from None
-    load_trainer_state(trainer, resumed)
+        raise ConfigError(f"cannot resume from {resumed.path}: {e}") from None
+    trainer_dcp = None if resumed.trainer_dcp is None else str(resumed.trainer_dcp)
+    try:
+        trainer.load_checkpoint(trainer_dcp, resumed.trainer_state["trainer"])
+    except ValueError as e:
+        raise ConfigError(f"cannot resume from {resumed.path}: {e}") from None
     return controller
-
-
-def load_trainer_state(trainer: Any, resumed: dict[str, Any]) -> None:
-    """The checkpoint's trainer state: sharded (trainer ranks in Ray actors) or in trainer.pt."""
-    sharded, state = resumed["trainer_dcp"], resumed["trainer"]["trainer"]
-    wants_sharded = hasattr(trainer, "load_checkpoint")
-    if wants_sharded and sharded is not None:
-        trainer.load_checkpoint(sharded)
-    elif not wants_sharded and state is not None:
-        trainer.load_state_dict(state)
-    else:
-        written, now = ("ray", "local") if sharded else ("local", "ray")
-        raise ConfigError(
-            f"cannot resume from {resumed['path']}: its trainer state was written with "
-            f"cluster.backend={written}, and this run uses cluster.backend={now}; resume with the "
-            "backend that wrote it"
-        )
 
 
 def run_settings(cfg: TrainConfig) -> dict[str, Any]:

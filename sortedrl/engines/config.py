@@ -27,8 +27,8 @@ class ModelConfig(BaseModel):
     warm_start_examples: int = Field(
         2048, ge=1, description="distinct task solutions the warm start draws from"
     )
-    warm_start_batch: int = Field(32, ge=1)
-    warm_start_lr: float = Field(3e-3, gt=0)
+    warm_start_batch: int = Field(32, ge=1, description="task solutions per warm-start step")
+    warm_start_lr: float = Field(3e-3, gt=0, description="learning rate of the warm start")
     device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
 
 
@@ -45,8 +45,13 @@ class RolloutConfig(BaseModel):
         description="engine capacity C: sequences run at once (per replica: the replica pool of "
         "cluster.rollout_replicas runs their sum)",
     )
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="the one sampling temperature: the engine samples at it and the trainer "
+        "recomputes log-probs at it",
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: 1 samples from all")
     pause_for_update: bool | None = Field(
         None,
         description="pause the engine and free its KV cache for each update, re-prefilling the "

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sortedrl.engines.costmodel import ClusterSpec, CostModel, resolve_preset
-from sortedrl.engines.replica import DONE, EPS, RUNNING, WAITING, Replica, SimSeq
+from sortedrl.engines.simulated_replica import DONE, EPS, RUNNING, WAITING, Replica, SimSeq
 from sortedrl.errors import ConfigError
 from sortedrl.scheduling.protocol import (
     EngineBase,

@@ -18,7 +18,7 @@ from typing import Any
 from sortedrl.scheduling.buffer import RolloutBuffer
 from sortedrl.scheduling.checkpoint_format import CHECKPOINT_FORMAT, upgrade_checkpoint
 from sortedrl.scheduling.config import SchedulerConfig
-from sortedrl.scheduling.lengths import LengthTracker, queue_rank
+from sortedrl.scheduling.lengths import Lengths, length_tracker, queue_rank
 from sortedrl.scheduling.metrics import Ledger
 from sortedrl.scheduling.policies import Policy, make_policy
 from sortedrl.scheduling.protocol import (
@@ -34,7 +34,14 @@ _PROTECTED, _RESUME, _ADMITTED = 0, 1, 2
 
 
 class Controller:
-    def __init__(self, config: SchedulerConfig, prompts: Iterable[PromptSpec]) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        prompts: Iterable[PromptSpec],
+        lengths: Lengths | None = None,
+    ) -> None:
+        """`lengths`: the length tracker (history, progress, update pacing); by default the
+        one `config` asks for, a no-op one when nothing length-aware is on."""
         self.config = config
         self.policy: Policy = make_policy(config)
         self.buffer = RolloutBuffer()
@@ -56,7 +63,7 @@ class Controller:
         self._dropped_groups = 0
         self._in_update: list[Group] | None = None
         # Length-aware scheduling (submit_order, update_pacing): see scheduling/lengths.py.
-        self._lengths = LengthTracker(config.max_new_tokens) if config.uses_length_history else None
+        self._lengths: Lengths = lengths if lengths is not None else length_tracker(config)
         # sorted with rollout_batch=auto: the window-fit rule picks R (scheduling/rollout_batch.py).
         self._rule: WindowFitRule | None = None
         if config.adaptive_rollout_batch:
@@ -181,8 +188,7 @@ class Controller:
         seq.submitted_prefix = seq.n_tokens
         seq.first_version = seq.oldest_version if seq.n_tokens else self._version
         self._running[rid] = seq
-        if self._lengths is not None:
-            self._lengths.submitted(rid)
+        self._lengths.submitted(rid)
         spec = seq.group.spec
         return Request(
             request_id=rid,
@@ -212,8 +218,7 @@ class Controller:
             seq.content = gen.as_partial()
             seq.finish_reason = gen.finish_reason
             seq.reward = rewards[i] if rewards is not None else 0.0
-            if self._lengths is not None:
-                self._lengths.history.record(seq.group.spec.history_key, gen.n_tokens)
+            self._lengths.record(seq.group.spec.history_key, gen.n_tokens)
             if self.buffer.add_finished(seq):
                 if self._rule is not None:
                     self._rule.group_completed(
@@ -223,8 +228,7 @@ class Controller:
 
     def _take_running(self, gen: Generation) -> Seq:
         seq = self._running.pop(gen.request_id, None)
-        if self._lengths is not None:
-            self._lengths.returned(gen.request_id)
+        self._lengths.returned(gen.request_id)
         if seq is None:
             raise RuntimeError(f"engine returned unknown or duplicate request {gen.request_id!r}")
         self.ledger.tokens_generated += gen.n_tokens - seq.submitted_prefix
@@ -284,8 +288,7 @@ class Controller:
         completion order (short before long among groups of one version). The engine must
         have been paused first when the policy is colocated."""
         assert self._in_update is None, "an update is already in progress"
-        if self._lengths is not None:
-            self._lengths.new_update()
+        self._lengths.new_update()
         candidates = self.buffer.complete_groups()
         candidates.sort(key=lambda g: (not g.protected, g.oldest_version, g.completed_seq))
         # At most update_batch groups are protected at once, so all of them fit here.
@@ -428,7 +431,7 @@ class Controller:
             **self.buffer.state_dict(),
             "protect_waitlist": [g.order for g in self._protect_waitlist if g.open],
             "ledger": self.ledger.state_dict(),
-            "lengths": None if self._lengths is None else self._lengths.state_dict(),
+            "lengths": self._lengths.state_dict(),
             "rollout_batch_rule": None if self._rule is None else self._rule.state_dict(),
             "round": [self._round, self._round_admitted],
         }
@@ -456,7 +459,7 @@ class Controller:
             self._n_protected += group.protected
         groups = self._groups
         self.buffer.load_state_dict(state, groups)
-        if self._lengths is not None and state["lengths"] is not None:
+        if state["lengths"] is not None:
             self._lengths.load_state_dict(state["lengths"])  # before the queue: ranks use it
         for priority, order, index, rank in state["queue"]:
             self._enqueue(groups[order].seqs[index], priority, rank)
@@ -495,8 +498,7 @@ class Controller:
         counted). Returns how many responses were requeued."""
         lost = list(self._running.values())
         self._running.clear()
-        if self._lengths is not None:
-            self._lengths.forget_running()
+        self._lengths.forget_running()
         for seq in lost:
             self._enqueue(seq, _RESUME)
         return len(lost)
@@ -506,11 +508,9 @@ class Controller:
         self, tokens_generated: int, busy_slot_s: float, elapsed_s: float, capacity: int
     ) -> None:
         """An engine step's report (what the length tracker estimates progress from)."""
-        if self._lengths is not None:
-            self._lengths.observe_step(tokens_generated, busy_slot_s, elapsed_s, capacity)
+        self._lengths.observe_step(tokens_generated, busy_slot_s, elapsed_s, capacity)
 
     def _pacing_holds(self) -> bool:
-        assert self._lengths is not None  # update_pacing keeps a length history
         groups, running = list(self._groups.values()), list(self._running.values())
         return self._lengths.pacing_holds(
             self.config,
@@ -521,21 +521,3 @@ class Controller:
             self.exhausted,
             self.rollout_batch,
         )
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-# Thin functions kept for callers of the first checkpoint API; they use the methods.
-
-
-def controller_state(ctl: Controller) -> dict[str, Any]:
-    """`ctl.state_dict()`."""
-    return ctl.state_dict()
-
-
-def restore_controller(
-    config: SchedulerConfig, prompts: Iterable[PromptSpec], state: dict[str, Any]
-) -> Controller:
-    """A controller built from `config` and `prompts` that goes on from `state`."""
-    ctl = Controller(config, prompts)
-    ctl.load_state_dict(state)
-    return ctl

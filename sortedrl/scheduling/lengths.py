@@ -152,6 +152,10 @@ class LengthTracker:
     def submitted(self, request_id: str) -> None:
         self._submitted_at[request_id] = self.steps
 
+    def record(self, history_key: str, n_tokens: int) -> None:
+        """A response of the prompt (or record) `history_key` finished with `n_tokens`."""
+        self.history.record(history_key, n_tokens)
+
     def returned(self, request_id: str) -> None:
         self._submitted_at.pop(request_id, None)
 
@@ -258,9 +262,64 @@ class LengthTracker:
             self.history.load_state_dict(state["history"])
 
 
-def queue_rank(config: SchedulerConfig, tracker: LengthTracker | None, seq: Seq) -> float:
+class NoLengthTracker:
+    """The length tracker of a controller with nothing length-aware on: it keeps no history
+    and never holds an update back, so the controller calls it without asking whether it has
+    one."""
+
+    def observe_step(
+        self, tokens_generated: int, busy_slot_s: float, elapsed_s: float, capacity: int
+    ) -> None:
+        pass
+
+    def submitted(self, request_id: str) -> None:
+        pass
+
+    def returned(self, request_id: str) -> None:
+        pass
+
+    def record(self, history_key: str, n_tokens: int) -> None:
+        pass
+
+    def forget_running(self) -> None:
+        pass
+
+    def rank(self, seq: Seq) -> float:
+        return 0.0
+
+    def new_update(self) -> None:
+        pass
+
+    def pacing_holds(
+        self,
+        config: SchedulerConfig,
+        version: int,
+        groups: Collection[Group],
+        running: Collection[Seq],
+        queued: int,
+        exhausted: bool,
+        rollout_batch: int,
+    ) -> bool:
+        return False
+
+    def state_dict(self) -> None:
+        return None  # the checkpoint's `lengths` is null, as it always was without a history
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # a history these settings do not use is not needed
+
+
+Lengths = LengthTracker | NoLengthTracker
+
+
+def length_tracker(config: SchedulerConfig) -> Lengths:
+    """The tracker `config` asks for: a length history when a length-aware setting is on."""
+    return LengthTracker(config.max_new_tokens) if config.uses_length_history else NoLengthTracker()
+
+
+def queue_rank(config: SchedulerConfig, tracker: Lengths, seq: Seq) -> float:
     """A response's place within its priority class of the controller's queue (lower first):
     0 for all under `submit_order=fifo`, so admission order decides."""
-    if tracker is None or config.submit_order == "fifo":
+    if config.submit_order == "fifo":
         return 0.0
     return tracker.rank(seq)

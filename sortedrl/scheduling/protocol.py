@@ -215,6 +215,23 @@ class Trainer(Protocol):
     def update(self, batch: UpdateBatch) -> UpdateResult: ...
 
 
+@runtime_checkable
+class CheckpointedTrainer(Trainer, Protocol):
+    """A trainer whose state goes into a run's checkpoint, through one interface whether it
+    lives in this process or is sharded over ranks."""
+
+    def save_checkpoint(self, folder: str) -> dict[str, Any] | None:
+        """The trainer's state, to keep in the checkpoint's `trainer.pt`; a sharded trainer
+        instead writes every rank's part under `folder` and returns None."""
+        ...
+
+    def load_checkpoint(self, folder: str | None, state: dict[str, Any] | None) -> None:
+        """Take back what `save_checkpoint` gave: `state` (from `trainer.pt`) or the sharded
+        `folder`, the other being None. Raises ValueError, saying why, for a checkpoint the
+        other kind of trainer wrote."""
+        ...
+
+
 class Backend(Protocol):
     """Where a training run's engine and trainer live (`cluster.backend`): this process, or
     Ray actors. The run asks it for the two once (the engine again after a failure) and closes

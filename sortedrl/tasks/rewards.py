@@ -29,13 +29,12 @@ so one function that hangs or dies costs only its own share of the reward.
 A task object may define ``warmup()``: each worker calls it once before taking work (e.g. to
 import math-verify), so import time is never charged to a call's time limit.
 
-User reward functions: :func:`load_reward_fn` resolves ``"package.module:function"``.
+User reward functions are resolved in :mod:`sortedrl.tasks.user_rewards`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import multiprocessing as mp
 import os
@@ -45,7 +44,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -501,40 +500,3 @@ class RewardRunner:
                     )
                 return
         self._workers[self._workers.index(w)] = self._spawn()
-
-
-# ---------------------------------------------------------------------------- user functions
-
-
-def load_reward_fn(spec: str) -> Callable[[Problem, str], float | Score]:
-    """Resolve ``"package.module:function"`` (attribute path after the colon may be dotted)."""
-    where = f"task.reward_fns: {spec!r}"
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ConfigError(f"{where}: expected 'package.module:function'")
-    mod_name, attr_path = (s.strip() for s in spec.split(":"))
-    if not mod_name or not attr_path:
-        raise ConfigError(f"{where}: expected 'package.module:function'")
-    # As `python -m` has it: a module in the current directory imports, here and in the
-    # sandbox's workers (spawned processes start with this process's sys.path).
-    cwd = os.getcwd()
-    if not any(p in ("", cwd) for p in sys.path):
-        sys.path.append(cwd)
-    try:
-        module = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(
-            f"{where}: module {e.name!r} not found (in the current directory {cwd} or on "
-            "sys.path); put the folder that holds it on PYTHONPATH"
-        ) from None
-    except Exception as e:
-        raise ConfigError(
-            f"{where}: importing {mod_name!r} failed: {type(e).__name__}: {e}"
-        ) from None
-    obj: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{where}: {mod_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{where}: {attr_path!r} is a {type(obj).__name__}, not a function")
-    return obj

@@ -33,16 +33,18 @@ the reward sandbox's worker processes as long as the functions' modules import t
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sortedrl.errors import ConfigError
 from sortedrl.tasks.base import Problem, Score
-from sortedrl.tasks.rewards import load_reward_fn
 
 SORTEDRL = "sortedrl"
 TRL = "trl"
@@ -296,3 +298,37 @@ def load_reward_fns(
         for fn in [load_reward_fn(spec)]
     ]
     return WeightedReward(fns, weights if weights is not None else [1.0] * len(fns), judge)
+
+
+def load_reward_fn(spec: str) -> Callable[[Problem, str], float | Score]:
+    """Resolve ``"package.module:function"`` (attribute path after the colon may be dotted)."""
+    where = f"task.reward_fns: {spec!r}"
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ConfigError(f"{where}: expected 'package.module:function'")
+    mod_name, attr_path = (s.strip() for s in spec.split(":"))
+    if not mod_name or not attr_path:
+        raise ConfigError(f"{where}: expected 'package.module:function'")
+    # As `python -m` has it: a module in the current directory imports, here and in the
+    # sandbox's workers (spawned processes start with this process's sys.path).
+    cwd = os.getcwd()
+    if not any(p in ("", cwd) for p in sys.path):
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"{where}: module {e.name!r} not found (in the current directory {cwd} or on "
+            "sys.path); put the folder that holds it on PYTHONPATH"
+        ) from None
+    except Exception as e:
+        raise ConfigError(
+            f"{where}: importing {mod_name!r} failed: {type(e).__name__}: {e}"
+        ) from None
+    obj: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: {mod_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{where}: {attr_path!r} is a {type(obj).__name__}, not a function")
+    return obj

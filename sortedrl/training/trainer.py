@@ -222,6 +222,19 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_progress_state(state)
 
+    def save_checkpoint(self, folder: str) -> dict[str, Any]:
+        """The state for the checkpoint's `trainer.pt` (`CheckpointedTrainer`); nothing is
+        written under `folder`."""
+        return self.state_dict()
+
+    def load_checkpoint(self, folder: str | None, state: dict[str, Any] | None) -> None:
+        if state is None:
+            raise ValueError(
+                "its trainer state was written with cluster.backend=ray, and this run uses "
+                "cluster.backend=local; resume with the backend that wrote it"
+            )
+        self.load_state_dict(state)
+
     def progress_state(self) -> dict[str, Any]:
         """The schedule, the counters and the mini-batch RNG: the same on every rank."""
         return {
