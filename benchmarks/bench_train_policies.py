@@ -1,8 +1,9 @@
 """Real training, policy against policy: the same data, seeds, model and update batch.
 
 Runs `sortedrl train` once per policy and seed (sync, sorted with keep and with drop, partial,
-async; `sorted-keep` is the default sorted, with update pacing; `sorted-unpaced` turns pacing
-off; `sorted-paced` adds longest-predicted-first submission)
+async; `sorted-keep` is the default sorted, with update pacing and its own rollout batch
+(`rollout_batch: auto`); `sorted-fixed32` is it with the fixed R = 32 that was the default
+before; `sorted-unpaced` turns pacing off; `sorted-paced` adds longest-predicted-first submission)
 on the embedded default (or the overrides you pass) and prints, per policy, the mean and the
 standard deviation over the seeds of bubble ratio, goodput (trained tokens and samples per
 second of the run loop) and its ratio to `sync` of the same seed, wasted tokens, staleness,
@@ -25,6 +26,12 @@ from sortedrl.config import load_config
 POLICIES = {
     "sync": ["scheduler.policy=sync"],
     "sorted-keep": ["scheduler.policy=sorted", "scheduler.cache=keep"],
+    # sorted with the fixed rollout batch that was the default before `auto` (4 U)
+    "sorted-fixed32": [
+        "scheduler.policy=sorted",
+        "scheduler.cache=keep",
+        "scheduler.rollout_batch=32",
+    ],
     "sorted-unpaced": [
         "scheduler.policy=sorted",
         "scheduler.cache=keep",

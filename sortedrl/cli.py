@@ -39,6 +39,21 @@ def main() -> None:
     """sortedrl: RL for language models with length-aware rollout scheduling (SortedRL)."""
 
 
+class _IntOrAuto(click.ParamType):
+    name = "integer|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither an integer nor auto", param, ctx)
+
+
+_INT_OR_AUTO = _IntOrAuto()
+
+
 def _scheduler_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """One click option per `SchedulerConfig` field (policy aside: --policies), with the
     field's description and default; unset options stay None, so the study knows what was
@@ -57,6 +72,8 @@ def _scheduler_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         flag = "--" + name.replace("_", "-")
         if f.annotation is bool:
             fn = click.option(f"{flag}/--no-{flag[2:]}", default=None, help=help_text)(fn)
+        elif name == "rollout_batch":  # a number, or auto (sorted's window-fit rule)
+            fn = click.option(flag, type=_INT_OR_AUTO, default=None, help=help_text)(fn)
         elif get_origin(f.annotation) is Literal:
             choice = click.Choice(list(get_args(f.annotation)))
             fn = click.option(flag, type=choice, default=None, help=help_text)(fn)
@@ -132,6 +149,13 @@ def _preset_help() -> str:
     help="passes over the prompts; each draws fresh lengths from the prompt's distribution",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--sweep",
+    is_flag=True,
+    help="instead of --policies: sweep sorted's rollout batch (auto and 2U..6U) and "
+    "max_staleness (1, 2) against sync and partial on these lengths and this cluster, and "
+    "recommend the setting with the best goodput",
+)
 @click.option("--json", "json_path", type=click.Path(), help="write the results here")
 @click.option("--plot", "plot_path", type=click.Path(), help="write a PNG here")
 @friendly_errors
@@ -140,6 +164,7 @@ def simulate(**kw: Any) -> None:
     The scheduler options are `sortedrl train`'s `scheduler` section; docs/simulate.md spells out
     the paper's setting."""
     from sortedrl.engines.costmodel import get_preset
+    from sortedrl.errors import ConfigError
     from sortedrl.io import write_json_atomic
     from sortedrl.scheduling.config import SchedulerConfig
     from sortedrl.sim.layout import CLUSTER_FIELDS, LayoutSettings
@@ -152,6 +177,12 @@ def simulate(**kw: Any) -> None:
     )
 
     spec = get_preset(kw["preset"])
+    if kw["sweep"]:
+        given = click.get_current_context().get_parameter_source("policies")
+        if given is not click.core.ParameterSource.DEFAULT:
+            raise ConfigError("--sweep picks the policies itself; remove --policies")
+        if kw["plot_path"]:
+            raise ConfigError("--sweep writes no plot; remove --plot (--json keeps the table)")
     policies = parse_policies(kw["policies"])
     scheduler = {
         k: kw[k] for k in SchedulerConfig.model_fields if k != "policy" and kw[k] is not None
@@ -180,6 +211,16 @@ def simulate(**kw: Any) -> None:
         solve_rate=kw["solve_rate"],
         epochs=kw["epochs"],
     )
+    if kw["sweep"]:
+        from sortedrl.sim.sweep import sweep
+
+        with console.status("sweeping rollout batch and staleness"):
+            doc = sweep(settings, workload)
+        _print_sweep(doc)
+        if kw["json_path"]:
+            write_json_atomic(kw["json_path"], doc)
+            console.print(f"wrote {kw['json_path']}")
+        return
     with Progress(
         TextColumn("{task.description:>12}"),
         BarColumn(),
@@ -201,6 +242,51 @@ def simulate(**kw: Any) -> None:
 
         plot_simulation({**doc, "_timelines": timelines}, kw["plot_path"])
         console.print(f"wrote {kw['plot_path']}")
+
+
+def _print_sweep(doc: dict[str, Any]) -> None:
+    s = doc["settings"]
+    table = Table(
+        title=f"{s['preset']}: {s['prompts']} prompts x {s['epochs']} epoch(s), "
+        f"U={s['update_batch']}, {s['workload']}"
+    )
+    for name in (
+        "setting",
+        "R",
+        "goodput (tok/s)",
+        "vs sync",
+        "bubble",
+        "vs sync bubble",
+        "wasted",
+        "max stale",
+        "mean stale",
+    ):
+        table.add_column(name, justify="right")
+    for label, r in doc["rows"].items():
+        mark = " *" if label == doc["recommended"] else ""
+        bubble_vs = r["bubble_vs_sync"]
+        table.add_row(
+            label + mark,
+            str(r["rollout_batch"]),
+            f"{r['goodput_tokens_per_s']:.0f}",
+            f"{r['goodput_vs_sync']:.2f}",
+            f"{r['bubble_ratio']:.1%}",
+            "-" if bubble_vs is None else f"{bubble_vs:.2f}",
+            f"{r['wasted_token_share']:.1%}",
+            str(r["max_staleness_trained"]),
+            f"{r['mean_staleness_trained']:.2f}",
+        )
+    out.print(table)
+    best = doc["rows"][doc["recommended"]]
+    out.print(
+        f"recommended: {doc['recommended']} (scheduler.max_staleness={best['max_staleness']}, "
+        f"scheduler.rollout_batch="
+        f"{'auto' if 'auto' in doc['recommended'] else best['rollout_batch']}): predicted "
+        f"goodput x{best['goodput_vs_sync']:.2f} of sync, bubble {best['bubble_ratio']:.1%} "
+        f"(sync {doc['rows']['sync']['bubble_ratio']:.1%}), {best['wasted_token_share']:.1%} "
+        "of generated tokens discarded",
+        highlight=False,
+    )
 
 
 def _layout_cell(p: dict[str, Any]) -> str:

@@ -14,11 +14,11 @@ from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sortedrl.cluster.config import ClusterConfig
 from sortedrl.engines.config import ModelConfig, RolloutConfig
-from sortedrl.engines.factory import check_engine_name
+from sortedrl.engines.factory import check_engine_name, check_engine_settings
 from sortedrl.errors import ConfigError, format_validation_error
 from sortedrl.scheduling.config import SchedulerConfig
 from sortedrl.tasks.config import TaskConfig
@@ -96,6 +96,11 @@ class TrainConfig(BaseModel):
         description="stop (with a checkpoint) when the rollout engine fails this many times in "
         "a row; it is restarted after each earlier failure",
     )
+
+    @model_validator(mode="after")
+    def _engine_honours_settings(self) -> TrainConfig:
+        check_engine_settings(self.rollout, self.model, self.cluster.tensor_parallel_size)
+        return self
 
     def scheduler_config(self) -> SchedulerConfig:
         """The scheduler's settings, validated with the rest of the config."""

@@ -26,14 +26,15 @@ come from SHAKE-128 of those, never from Python's salted `hash`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Protocol
+from typing import Any, Protocol
 
 from sortedrl.errors import ConfigError, InputFileError
 
@@ -225,15 +226,9 @@ def default_lengths_spec(cap: int) -> str:
 # --- traces -------------------------------------------------------------------------------------
 
 
-def load_trace(path: str) -> tuple[dict[str, list[int]], int]:
-    """Read a JSONL trace of `{"prompt_id": str, "lengths": [int, ...]}` lines.
-
-    Returns (lengths by prompt id, group size). Blank lines are skipped; anything else
-    malformed is an InputFileError naming the file, the line and the field.
-    """
-    out: dict[str, list[int]] = {}
-    group_size: int | None = None
-    first_line = 0
+def _json_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file; anything malformed is
+    an InputFileError naming the file and the line."""
     try:
         f = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
     except OSError as e:
@@ -260,46 +255,120 @@ def load_trace(path: str) -> tuple[dict[str, list[int]], int]:
                 raise InputFileError(path, f"invalid JSON: {str(e)[:200]}", line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputFileError(path, "expected a JSON object", line=lineno)
-            pid = obj.get("prompt_id")
-            if "prompt_id" not in obj:
-                raise InputFileError(path, "missing", line=lineno, field="prompt_id")
-            if not isinstance(pid, str) or not pid:
-                raise InputFileError(
-                    path, f"must be a non-empty string, got {pid!r}", line=lineno, field="prompt_id"
-                )
-            if pid in out:
-                raise InputFileError(
-                    path, f"duplicate prompt_id {pid!r}", line=lineno, field="prompt_id"
-                )
-            if "lengths" not in obj:
-                raise InputFileError(path, "missing", line=lineno, field="lengths")
-            lengths = obj["lengths"]
-            if not isinstance(lengths, list) or not lengths:
-                raise InputFileError(
-                    path, "must be a non-empty list of integers", line=lineno, field="lengths"
-                )
-            for i, x in enumerate(lengths):
-                # bool is an int in Python; a JSON true is not a length.
-                if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-                    raise InputFileError(
-                        path,
-                        f"element {i} must be a positive integer, got {x!r}",
-                        line=lineno,
-                        field="lengths",
-                    )
-            if group_size is None:
-                group_size, first_line = len(lengths), lineno
-            elif len(lengths) != group_size:
+            yield lineno, obj
+
+
+def load_trace(path: str) -> tuple[dict[str, list[int]], int]:
+    """Read a JSONL trace of response lengths, in either of two layouts (told apart by the
+    first line):
+
+    - grouped: `{"prompt_id": str, "lengths": [int, ...]}`, one line per prompt;
+    - per response: `{"prompt": str, "response_length": int}` (or `"prompt_id"` for the
+      prompt), one line per response, as an RL run's rollout dump has them (verl, OpenRLHF
+      and TRL can all write one); the lines of one prompt (its text or its id) form its
+      group, in file order, and other fields are ignored.
+
+    Returns (lengths by prompt id, group size). Blank lines are skipped; anything else
+    malformed is an InputFileError naming the file, the line and the field.
+    """
+    rows = _json_rows(path)
+    first = next(rows, None)
+    if first is None:
+        raise InputFileError(path, "trace holds no prompts")
+    if "response_length" in first[1]:
+        return _per_response(path, itertools.chain([first], rows))
+    return _grouped(path, itertools.chain([first], rows))
+
+
+def _grouped(
+    path: str, rows: Iterable[tuple[int, dict[str, Any]]]
+) -> tuple[dict[str, list[int]], int]:
+    out: dict[str, list[int]] = {}
+    group_size: int | None = None
+    first_line = 0
+    for lineno, obj in rows:
+        pid = obj.get("prompt_id")
+        if "prompt_id" not in obj:
+            raise InputFileError(path, "missing", line=lineno, field="prompt_id")
+        if not isinstance(pid, str) or not pid:
+            raise InputFileError(
+                path, f"must be a non-empty string, got {pid!r}", line=lineno, field="prompt_id"
+            )
+        if pid in out:
+            raise InputFileError(
+                path, f"duplicate prompt_id {pid!r}", line=lineno, field="prompt_id"
+            )
+        if "lengths" not in obj:
+            raise InputFileError(path, "missing", line=lineno, field="lengths")
+        lengths = obj["lengths"]
+        if not isinstance(lengths, list) or not lengths:
+            raise InputFileError(
+                path, "must be a non-empty list of integers", line=lineno, field="lengths"
+            )
+        for i, x in enumerate(lengths):
+            # bool is an int in Python; a JSON true is not a length.
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise InputFileError(
                     path,
-                    f"group of {len(lengths)} responses, but line {first_line} has {group_size}",
+                    f"element {i} must be a positive integer, got {x!r}",
                     line=lineno,
                     field="lengths",
                 )
-            out[pid] = lengths
-    if group_size is None:
-        raise InputFileError(path, "trace holds no prompts")
+        if group_size is None:
+            group_size, first_line = len(lengths), lineno
+        elif len(lengths) != group_size:
+            raise InputFileError(
+                path,
+                f"group of {len(lengths)} responses, but line {first_line} has {group_size}",
+                line=lineno,
+                field="lengths",
+            )
+        out[pid] = lengths
+    assert group_size is not None  # the caller saw a first line
     return out, group_size
+
+
+def _per_response(
+    path: str, rows: Iterable[tuple[int, dict[str, Any]]]
+) -> tuple[dict[str, list[int]], int]:
+    out: dict[str, list[int]] = {}
+    first_line: dict[str, int] = {}  # where each prompt's group starts
+    for lineno, obj in rows:
+        key = "prompt" if "prompt" in obj else "prompt_id"
+        if key not in obj:
+            raise InputFileError(path, "missing (or prompt_id)", line=lineno, field="prompt")
+        pid = obj[key]
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
+            raise InputFileError(
+                path, f"must be a non-empty string or an id, got {pid!r}", line=lineno, field=key
+            )
+        if "response_length" not in obj:
+            raise InputFileError(path, "missing", line=lineno, field="response_length")
+        n = obj["response_length"]
+        # A dump may write lengths as floats (123.0); a fraction, a bool or a string is not one.
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputFileError(
+                path, f"must be a positive integer, got {n!r}", line=lineno, field="response_length"
+            )
+        pid = str(pid)
+        out.setdefault(pid, []).append(n)
+        first_line.setdefault(pid, lineno)
+    sizes = {len(ls) for ls in out.values()}
+    if len(sizes) > 1:
+        # Name the two prompts whose groups differ, by the line each starts on.
+        first_pid = next(iter(out))
+        odd = next(p for p in out if len(out[p]) != len(out[first_pid]))
+        raise InputFileError(
+            path,
+            f"the prompt starting at line {first_line[odd]} has {len(out[odd])} responses, but "
+            f"the one starting at line {first_line[first_pid]} has {len(out[first_pid])}: every "
+            "prompt needs the same number of responses (one group each)",
+            line=first_line[odd],
+            field="response_length",
+        )
+    return out, sizes.pop()
 
 
 # --- the workload -------------------------------------------------------------------------------

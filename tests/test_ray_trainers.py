@@ -76,8 +76,11 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_two_ranks_update_the_driver_model_like_one_local_trainer(groups):
+def test_two_ranks_update_like_one_local_trainer_and_hand_the_weights_on_by_reference(groups):
+    import ray
+
     driver, local = tiny_llama(0), tiny_llama(0)
+    initial = weights_of(driver)
     group = groups.new(2, driver)
     trainer = GRPOTrainer(local, config(1).trainer, seed=SEED)
     for version in range(2):
@@ -85,16 +88,25 @@ def test_two_ranks_update_the_driver_model_like_one_local_trainer(groups):
         assert not got.skipped
         assert got.stats["loss"] == pytest.approx(want.stats["loss"], rel=1e-4, abs=1e-6)
         assert 0 < got.stats["weights_gather_s"] < got.elapsed_s
-        assert all(type(w) is torch.Tensor and w.device.type == "cpu" for w in got.weights.values())
-    assert max_diff(got.weights, weights_of(local)) < 1e-5
-    assert max_diff(weights_of(driver), weights_of(local)) < 1e-5  # the driver's copy too
+        assert isinstance(got.weights, ray.ObjectRef)  # not a copy in the driver
+    weights = ray.get(got.weights)
+    assert all(type(w) is torch.Tensor and w.device.type == "cpu" for w in weights.values())
+    assert got.stats["weight_bytes"] == sum(w.numel() * 4 for w in weights.values())  # fp32
+    assert max_diff(weights, weights_of(local)) < 1e-5
+    # The driver's model is left alone until something in the driver reads it.
+    assert max_diff(weights_of(driver), initial) == 0
+    group.pull_weights()
+    assert max_diff(weights_of(driver), weights_of(local)) < 1e-5
 
 
 def test_a_group_loaded_from_a_checkpoint_makes_the_next_update_of_the_saved_one(groups, tmp_path):
+    import ray
+
     driver = tiny_llama(0)
     saved = groups.new(2, driver)
     saved.update(make_batch(0))
     assert saved.save_checkpoint(str(tmp_path / "trainer")) is None  # nothing for trainer.pt
+    saved.pull_weights()
     after_first = weights_of(driver)
     want = saved.update(make_batch(1))
 
@@ -106,7 +118,7 @@ def test_a_group_loaded_from_a_checkpoint_makes_the_next_update_of_the_saved_one
     got = resumed.update(make_batch(1))
     # same optimizer moments, schedule, step count and mini-batch split: the same update
     assert got.stats["step"] == want.stats["step"] == 4
-    assert max_diff(got.weights, want.weights) < 1e-5
+    assert max_diff(ray.get(got.weights), ray.get(want.weights)) < 1e-5
 
 
 def test_a_killed_rank_stops_the_group_with_a_message_saying_how_to_resume(groups):

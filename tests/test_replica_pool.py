@@ -250,6 +250,39 @@ def test_weight_sync_loads_the_same_weights_into_every_replica(placement, greedy
             pool.close()
 
 
+def test_evaluation_on_the_replicas_is_the_local_one_and_leaves_the_rollout_alone(greedy_pool):
+    """`ReplicaPool.evaluate` (the Ray run's evaluation): the replicas' greedy answers are the
+    ones a local engine over the same weights gives; the rollout requests they hold, and
+    their samplers, are left as they were."""
+    import torch
+
+    from sortedrl.engines.transformers_engine import TransformersEngine
+
+    pool, tok, model = greedy_pool
+    pool.pause()
+    pool.load_weights(model.state_dict(), 0)
+    harness = tiny_harness(pool, tok, model)
+    rollout = _requests(4, 10, harness)
+    pool.submit(rollout)
+    pool.step()
+    rng = pool.rng_state()
+    evals = [
+        Request(f"eval/{i}", f"e{i}", 0, 0, len(harness.prompt(i + 4)), 6, harness.prompt(i + 4))
+        for i in range(5)
+    ]
+    got = {g.request_id: g.token_ids for g in pool.evaluate(evals, 0.0, 1.0, 0)}
+    local = TransformersEngine(copy.deepcopy(model), tok, capacity=3, temperature=0.0)
+    local.submit(evals)
+    want, _ = drain(local)
+    assert got == {g.request_id: g.token_ids for g in want}
+    after = pool.rng_state()
+    assert len(after) == len(rng) == 2
+    assert all(torch.equal(a, b) for a, b in zip(after, rng, strict=True))  # generator states
+    gens, _ = drain(pool)  # the rollout goes on where it was
+    assert sorted(g.request_id for g in gens) == sorted(r.request_id for r in rollout)
+    assert all(g.n_tokens == 10 for g in gens)
+
+
 class _WeightsTrainer(UnitTrainer):
     """Returns the model's weights as each update's result (so a restarted replica has real
     weights to load)."""

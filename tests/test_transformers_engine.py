@@ -402,3 +402,28 @@ def test_random_interleaving_keeps_every_request_and_exact_logprobs(model, tok, 
         if g.n_tokens:
             ref = forward_logprobs(model, r.prompt_token_ids, g.token_ids)
             assert (ref - torch.tensor(g.logprobs)).abs().max().item() < LOGPROB_TOL
+
+
+def test_a_tied_weight_may_come_once_under_its_first_name():
+    """The Ray ranks send a tied lm_head once, as the model's files hold it."""
+    import transformers
+
+    cfg = transformers.Qwen2Config(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    engine = TransformersEngine(transformers.Qwen2ForCausalLM(cfg), capacity=2)
+    torch.manual_seed(1)
+    new = transformers.Qwen2ForCausalLM(cfg).state_dict()
+    del new["lm_head.weight"]
+    engine.load_weights(new, 1)
+    assert torch.equal(engine.model.lm_head.weight, new["model.embed_tokens.weight"])
+    del new["model.norm.weight"]  # a weight that is not tied is still required
+    with pytest.raises(ValueError, match="missing \\['model.norm.weight'\\]"):
+        engine.load_weights(new, 2)

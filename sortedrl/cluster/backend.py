@@ -37,6 +37,7 @@ class RayBackend:
             raise
         self._trainer: Any = None
         self._engine: Any = None
+        self._replica_model_dir: str | None = None
 
     def trainer(self, model: Any) -> Trainer:
         from sortedrl.cluster.trainers import RayTrainerGroup
@@ -47,12 +48,25 @@ class RayBackend:
     def engine(
         self, model: Any, tokenizer: Any, version: int, problems_by_id: dict[str, Any]
     ) -> Engine:
+        import tempfile
+
         from sortedrl.cluster.replicas import build_replica_pool
 
+        # The replicas (and their restarts) load the weights from files written once here,
+        # not from a copy of the model in the object store.
+        if self._replica_model_dir is None:
+            self._replica_model_dir = tempfile.mkdtemp(prefix="sortedrl-replicas-")
+        model.save_pretrained(self._replica_model_dir, safe_serialization=True)
         self._engine = build_replica_pool(
-            self.cfg, model, tokenizer, version, self.placement, problems_by_id
+            self.cfg, self._replica_model_dir, tokenizer, version, self.placement, problems_by_id
         )
         return self._engine
+
+    def evaluator(self, engine: Engine) -> Any:
+        """`generate(requests, temperature, top_p, seed)` on the replicas (transformers
+        replicas: `ReplicaPool.evaluate`), so the driver needs no current weights to
+        evaluate; None for vLLM replicas, whose evaluation runs on the driver's model."""
+        return engine.evaluate if evaluates_on_replicas(self.cfg) else None  # type: ignore[attr-defined]
 
     def close(self) -> None:
         try:
@@ -63,6 +77,11 @@ class RayBackend:
             self.placement.close()
         finally:
             self._stop_ray()
+            if self._replica_model_dir is not None:
+                import shutil
+
+                shutil.rmtree(self._replica_model_dir, ignore_errors=True)
+                self._replica_model_dir = None
 
     def _close_engine(self) -> None:
         if self._engine is not None:
@@ -76,3 +95,8 @@ class RayBackend:
         from sortedrl.cluster.runtime import stop_ray
 
         stop_ray(self.started)
+
+
+def evaluates_on_replicas(cfg: RunSettings) -> bool:
+    """Whether a run's evaluations run on the Ray replicas rather than in the driver."""
+    return cfg.cluster.backend == "ray" and cfg.rollout.engine == "transformers"

@@ -99,7 +99,15 @@ class EngineReplica:
 
             scorer = make_scorer(cfg.task, build_task(cfg.task))
         # Replica i samples from its own stream: seed + i (replica 0 samples as a local run).
-        engine = build_engine(cfg.rollout, cfg.model, cfg.seed + index, model, tokenizer, version)
+        engine = build_engine(
+            cfg.rollout,
+            cfg.model,
+            cfg.seed + index,
+            model,
+            tokenizer,
+            version,
+            tensor_parallel_size=cfg.cluster.tensor_parallel_size,
+        )
         self._setup(engine, tokenizer, scorer, problems)
 
     def _setup(
@@ -204,6 +212,38 @@ class EngineReplica:
         self.engine.close()
         if self.scorer is not None:
             self.scorer.close()
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(
+        self, requests: Sequence[Request], temperature: float, top_p: float, seed: int
+    ) -> list[Generation]:
+        """Generate `requests` to completion on this replica's current weights, with an engine
+        of their own over the same model (its own KV cache and sampler: the rollout engine's
+        requests and RNG are untouched). Transformers replicas only."""
+        from sortedrl.engines.transformers_engine import TransformersEngine
+
+        if not isinstance(self.engine, TransformersEngine):
+            raise TypeError(f"evaluation on a replica needs the transformers engine, not "
+                            f"{type(self.engine).__name__}")  # fmt: skip
+        engine = TransformersEngine(
+            self.engine.model,
+            self.tokenizer,
+            capacity=self.engine.capacity,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            device=self.engine.device,
+        )
+
+        def run() -> list[Generation]:  # on the loop thread: the rollout waits meanwhile
+            engine.submit(requests)
+            out: list[Generation] = []
+            while engine.num_unfinished():
+                out += engine.step().finished
+            return out
+
+        return self._on_loop(run)
 
     # --- the engine loop ------------------------------------------------------------------------
 

@@ -259,6 +259,21 @@ class ReplicaPool(EngineBase):
                 pass
         self._waiting.clear()
 
+    def evaluate(
+        self, requests: Sequence[Request], temperature: float, top_p: float, seed: int
+    ) -> list[Generation]:
+        """Generate evaluation `requests` on the replicas (replica i takes every n-th, with
+        sampling seed `seed + i`), each with an engine of its own over its current weights;
+        the rollout requests they hold wait and are not touched."""
+        n = len(self._reps)
+        parts = [(rep, list(requests[rep.index :: n])) for rep in self._reps]
+        refs = [
+            rep.actor.evaluate.remote(part, temperature, top_p, seed + rep.index)
+            for rep, part in parts
+            if part
+        ]
+        return [g for done in self._ray.get(refs) for g in done]
+
     def in_flight(self) -> int:
         """Replicas stepping now by themselves: polled since the last settle, with work."""
         return sum(r.live and bool(r.held) for r in self._reps)
@@ -559,8 +574,9 @@ def replica_spawner(
     problems_by_id: dict[str, Problem] | None,
 ) -> Callable[[int], Any]:
     """`spawn(i)`: start replica i in its placement bundle, serving `model`'s weights as
-    `version`. The config, model, tokenizer and problems go into the object store once here;
-    every replica (and every restart) reads the same objects."""
+    `version` (`model`: a model object, or a model directory every replica loads itself). The
+    config, model, tokenizer and problems go into the object store once here; every replica
+    (and every restart) reads the same objects."""
     import ray
 
     from sortedrl.cluster.replica_actor import EngineReplica

@@ -3,9 +3,18 @@
 Each `TrainerRank` is a process (a Ray actor in its placement bundle) holding one rank of a
 torch.distributed group: gloo on the CPU, NCCL on a GPU (Ray gives the actor its GPU as device
 0). Rank 0 picks the rendezvous address and a free port; the group hands them to every rank,
-and all ranks join together. Every rank builds its trainer from the driver's model, put in the
-object store once, and gets the whole update batch, put there once per update
-(`sortedrl.training.distributed` explains how the ranks share the work and stay exact).
+and all ranks join together. The driver writes its model once to a directory (safetensors);
+every rank builds the model on the meta device and reads only its own shards from there
+(`sortedrl.training.sharded_load`), so no rank holds the whole model. Every rank gets the whole
+update batch, put in the object store once per update (`sortedrl.training.distributed` explains
+how the ranks share the work and stay exact).
+
+Weights after an update: rank 0 gathers them and puts them into the object store itself; the
+driver gets only the reference (`UpdateResult.weights` is an `ObjectRef`) and hands it on to
+the replicas, so the weights make one trip, rank 0 -> object store -> each replica, and never
+pass through the driver. The driver's own model is brought up to date from the last reference
+only when something in the driver reads it (`pull_weights`: evaluation, checkpoints, the final
+export). `stats["weight_bytes"]` is the size of that object.
 
 A rank that dies cannot be replaced within a torch.distributed group: the group kills the
 others and raises `TrainerRankDied`, and the run goes on from its last checkpoint
@@ -16,8 +25,9 @@ Only the CPU path (gloo) has run here; the NCCL path is written but has not been
 
 from __future__ import annotations
 
-import copy
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +56,24 @@ class TrainerRankDied(TrainerFailedError):
         self.rank = rank
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names of `model`'s parameters that are another name's parameter (tied weights)."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
+
+
+def load_into(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """`model.load_state_dict(weights)`, where a tied weight may come under its first name
+    only."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = sorted(set(missing) - tied_aliases(model))
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not match the model (missing {missing[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]})"
+        )
+
+
 class TrainerRank:
     """One trainer rank in its own process; the group makes it a Ray actor."""
 
@@ -67,13 +95,13 @@ class TrainerRank:
         self,
         master_addr: str,
         master_port: int,
-        model: nn.Module,
+        model_dir: str,
         config: TrainerConfig,
         device: str,
         temperature: float,
         seed: int,
     ) -> None:
-        """Join the group and build this rank's sharded trainer from `model`."""
+        """Join the group and build this rank's sharded trainer from the model directory."""
         import torch
 
         from sortedrl.training.distributed import FSDPTrainer, init_process_group
@@ -81,12 +109,25 @@ class TrainerRank:
         # Ray shows an actor only its own GPU(s), so the rank's GPU is device 0.
         dev = torch.device("cuda", 0) if device.startswith("cuda") else torch.device("cpu")
         init_process_group(self.rank, self.world, master_addr, master_port, dev)
-        model.train()
-        self.trainer = FSDPTrainer(model, config, dev, temperature=temperature, seed=seed)
+        self.trainer = FSDPTrainer(model_dir, config, dev, temperature=temperature, seed=seed)
 
     def update(self, batch: UpdateBatch) -> UpdateResult:
-        """This rank's part of the update; the weights come back from rank 0 only."""
-        return self.trainer.update(batch)
+        """This rank's part of the update. Rank 0 puts the new weights into the object store
+        and returns their reference (the other ranks return none)."""
+        import ray
+
+        result = self.trainer.update(batch)
+        weights = result.weights
+        if weights is not None:
+            # A tied weight (a tied lm_head) travels once, under its first name, as the model's
+            # files hold it; the engines load it into every name it is tied to.
+            for name in tied_aliases(self.trainer.model):
+                weights.pop(name, None)
+            result.stats["weight_bytes"] = float(
+                sum(t.numel() * t.element_size() for t in weights.values())
+            )
+            result.weights = ray.put(weights)  # owned by this rank: lives as long as the group
+        return result
 
     def save(self, path: str) -> None:
         self.trainer.save(Path(path))
@@ -106,9 +147,10 @@ class TrainerRank:
 class RayTrainerGroup:
     """`cluster.trainer_ranks` FSDP2 ranks as one `Trainer` for the driver's controller.
 
-    `model` is the driver's model: each rank builds its trainer from a copy, and after every
-    update (and checkpoint load) the group loads the new weights into it, so that evaluation
-    and saving in the driver see the current policy. `placement` must be started. A rank that
+    `model` is the driver's model: it is written once to a temporary directory that every rank
+    reads its shards from (on several nodes that directory must be on storage they share).
+    An update returns the weights as an `ObjectRef`; `pull_weights` loads the last ones into
+    `model` when the driver needs them. `placement` must be started. A rank that
     fails makes the group stop all of its ranks; a dead rank raises `TrainerRankDied`, and any
     other error of a rank is raised as that rank raised it.
     """
@@ -126,13 +168,15 @@ class RayTrainerGroup:
             for j in range(self.world)
         ]
         self.closed = False
+        self._latest: Any = None  # the weights of the last update, until pulled
+        self.model_dir = tempfile.mkdtemp(prefix="sortedrl-ranks-")
+        model.save_pretrained(self.model_dir, safe_serialization=True)
         addr, port = self._call("rendezvous", ranks=[0])[0]
-        model_ref = ray.put(_on_cpu(model))
         self._call(
             "setup",
             addr,
             port,
-            model_ref,
+            self.model_dir,
             cfg.trainer,
             cfg.model.device,
             cfg.rollout.temperature,
@@ -142,18 +186,28 @@ class RayTrainerGroup:
     # --- the Trainer protocol ------------------------------------------------------------------
 
     def update(self, batch: UpdateBatch) -> UpdateResult:
-        """One update on all ranks; rank 0's statistics, the full weights (CPU tensors, the
-        model's own names), also loaded into the driver's model. `elapsed_s` is this call's
-        wall time; `stats["weights_gather_s"]` the time rank 0 took to gather the weights."""
+        """One update on all ranks; rank 0's statistics and the reference to the full weights
+        (CPU tensors under the model's own names) in the object store. `elapsed_s` is this
+        call's wall time; `stats["weights_gather_s"]` the time rank 0 took to gather the
+        weights, `stats["weight_bytes"]` their size."""
         import ray
 
         t0 = time.perf_counter()
         results = self._call("update", ray.put(batch))
         result = results[0]
-        self.model.load_state_dict(result.weights)
+        if not result.skipped:
+            self._latest = result.weights
         result.elapsed_s = time.perf_counter() - t0
         result.stats["elapsed_s"] = result.elapsed_s
         return result
+
+    def pull_weights(self) -> None:
+        """Bring the driver's model up to date with the last update's weights (once)."""
+        import ray
+
+        if self._latest is not None:
+            load_into(self.model, ray.get(self._latest))
+            self._latest = None
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -175,7 +229,8 @@ class RayTrainerGroup:
         if not Path(folder).is_dir():
             raise SortedRLError(f"{folder}: no trainer checkpoint (not a directory)")
         weights = self._call("load", str(folder))[0]
-        self.model.load_state_dict(weights)
+        load_into(self.model, weights)
+        self._latest = None
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -190,6 +245,7 @@ class RayTrainerGroup:
         ray.wait(alive, num_returns=len(alive), timeout=10.0)
         for r in self.ranks:
             ray.kill(r)
+        shutil.rmtree(self.model_dir, ignore_errors=True)
 
     def _kill_all(self) -> None:
         import ray
@@ -197,6 +253,7 @@ class RayTrainerGroup:
         self.closed = True
         for r in self.ranks:
             ray.kill(r)
+        shutil.rmtree(self.model_dir, ignore_errors=True)
 
     def _call(self, method: str, *args: Any, ranks: list[int] | None = None) -> list[Any]:
         """`method(*args)` on the ranks (all by default) at once, their results in rank order.
@@ -222,10 +279,3 @@ class RayTrainerGroup:
                 self._kill_all()
                 raise e.as_instanceof_cause() from None
         return [results[j] for j in which]
-
-
-def _on_cpu(model: nn.Module) -> nn.Module:
-    """`model`, or a CPU copy of it if it lives on a GPU (the ranks place it themselves)."""
-    if all(p.device.type == "cpu" for p in model.parameters()):
-        return model
-    return copy.deepcopy(model).cpu()

@@ -37,6 +37,10 @@ class LocalBackend:
         cfg = self.cfg
         return build_engine(cfg.rollout, cfg.model, cfg.seed, model, tokenizer, version)
 
+    def evaluator(self, engine: Engine) -> None:
+        """Evaluation runs here, on the driver's model."""
+        return None
+
     def close(self) -> None:
         pass
 

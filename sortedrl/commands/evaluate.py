@@ -6,11 +6,11 @@ sandbox, limits and reward function as training.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sortedrl.errors import ConfigError
-from sortedrl.scheduling.protocol import Request
+from sortedrl.scheduling.protocol import Generation, Request
 from sortedrl.tasks.base import Problem
 from sortedrl.tasks.reward_report import FailureConsole, RewardReport
 from sortedrl.tasks.scoring import Scorer, score_generations
@@ -70,6 +70,7 @@ def evaluate(
     engine_name: str = "transformers",
     chat_template: bool = True,
     console: FailureConsole | None = None,
+    generate: Callable[[list[Request], float, float, int], list[Generation]] | None = None,
 ) -> dict[str, Any]:
     """Generate `samples` responses per problem and score them with `scorer`.
 
@@ -78,20 +79,10 @@ def evaluate(
     one's ``rewards/<fn>/mean`` and its failures, ``reward_failures: {fn: {kind: count}}``
     (the first messages go to `console`, a fresh one by default). The model is left in the
     training mode it was in. `engine_name`: "transformers", or "vllm" (a vLLM engine started for this
-    evaluation and shut down after it).
+    evaluation and shut down after it). `generate(requests, temperature, top_p, seed)`, when
+    given, generates elsewhere (the Ray replicas, `ReplicaPool.evaluate`) and `model` is not
+    used.
     """
-    was_training = bool(getattr(model, "training", False))
-    kwargs = dict(capacity=capacity, temperature=temperature, top_p=top_p, seed=seed)
-    if engine_name == "vllm":
-        from sortedrl.engines.vllm_engine import VLLMEngine
-
-        engine: Any = VLLMEngine(model, tokenizer, device=device, **kwargs)  # <= 0: greedy
-    elif engine_name == "transformers":
-        from sortedrl.engines.transformers_engine import TransformersEngine
-
-        engine = TransformersEngine(model, tokenizer, device=device, **kwargs)
-    else:
-        raise ValueError(f"evaluate: unknown engine {engine_name!r}")
     by_id: dict[str, tuple[Problem, int]] = {}
     requests = []
     for i, p in enumerate(problems):
@@ -116,22 +107,31 @@ def evaluate(
     lengths: list[int] = []
     report = RewardReport()
     console = console if console is not None else FailureConsole()
-    try:
-        engine.submit(requests)
-        while engine.num_unfinished():
-            finished = engine.step().finished
-            items = [(by_id[g.request_id][0], g.token_ids) for g in finished]
-            for g, s in zip(finished, score_generations(scorer, tokenizer, items), strict=True):
-                report.add(s)
-                console.show(s, f"evaluation, {g.request_id}")
-                rewards.append(float(s.reward))
-                correct.append(1.0 if s.correct else 0.0)
-                fmt.append(1.0 if s.format_ok else 0.0)
-                lengths.append(int(g.n_tokens))
-    finally:
-        if was_training:
-            model.train()
-        engine.close()
+
+    def take(finished: list[Generation]) -> None:
+        items = [(by_id[g.request_id][0], g.token_ids) for g in finished]
+        for g, s in zip(finished, score_generations(scorer, tokenizer, items), strict=True):
+            report.add(s)
+            console.show(s, f"evaluation, {g.request_id}")
+            rewards.append(float(s.reward))
+            correct.append(1.0 if s.correct else 0.0)
+            fmt.append(1.0 if s.format_ok else 0.0)
+            lengths.append(int(g.n_tokens))
+
+    if generate is not None:
+        take(generate(requests, temperature, top_p, seed))
+    else:
+        was_training = bool(getattr(model, "training", False))
+        kwargs = dict(capacity=capacity, temperature=temperature, top_p=top_p, seed=seed)
+        engine = local_eval_engine(engine_name, model, tokenizer, device, kwargs)
+        try:
+            engine.submit(requests)
+            while engine.num_unfinished():
+                take(engine.step().finished)
+        finally:
+            if was_training:
+                model.train()
+            engine.close()
     n = max(1, len(rewards))
     acc = sum(correct) / n
     return {
@@ -147,6 +147,21 @@ def evaluate(
     }
 
 
+def local_eval_engine(
+    engine_name: str, model: Any, tokenizer: Any, device: str, kwargs: dict[str, Any]
+) -> Any:
+    """The engine an evaluation in this process runs on (over `model` itself, no copy)."""
+    if engine_name == "vllm":
+        from sortedrl.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, device=device, **kwargs)  # <= 0: greedy
+    if engine_name == "transformers":
+        from sortedrl.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(model, tokenizer, device=device, **kwargs)
+    raise ValueError(f"evaluate: unknown engine {engine_name!r}")
+
+
 def evaluate_run(
     cfg: Any,
     model: Any,
@@ -154,9 +169,11 @@ def evaluate_run(
     scorer: Scorer,
     problems: Sequence[Problem],
     console: FailureConsole | None = None,
+    generate: Callable[[list[Request], float, float, int], list[Generation]] | None = None,
 ) -> dict[str, Any]:
     """A training run's evaluation: `eval.samples` at `eval.temperature` (greedy by default),
-    plus `eval.sampled` samples at the rollout's temperature and top_p (`sampled_accuracy`)."""
+    plus `eval.sampled` samples at the rollout's temperature and top_p (`sampled_accuracy`).
+    `generate`: see `evaluate`."""
 
     def score(samples: int, temperature: float, top_p: float) -> dict[str, Any]:
         return evaluate(
@@ -173,6 +190,7 @@ def evaluate_run(
             device=cfg.model.device,
             chat_template=cfg.task.chat_template,
             console=console,
+            generate=generate,
         )
 
     result: dict[str, Any] = score(cfg.eval.samples, cfg.eval.temperature, 1.0)

@@ -80,8 +80,11 @@ class Run:
         self.stop_signum: int | None = None
         # Async: the trainer changes `model` in its own thread, so a restarted engine takes
         # the weights of the last update, copied when the trainer was idle.
+        # A backend whose engine restarts itself keeps the weights it needs (the replica pool
+        # holds the last reference): no copy here.
         self.safe_weights: tuple[int, dict[str, Any]] | None = None
-        if not controller.colocated:
+        self.snapshots = not controller.colocated and not backend.engine_restarts_itself
+        if self.snapshots:
             self._snapshot_weights()
         self.engine: Engine = self._build_engine()
         self.clock = Clock(self.engine.capacity)
@@ -115,7 +118,7 @@ class Run:
         lengths = [(g.prompt_id, [s.n_tokens for s in g.samples]) for g in batch.groups]
         self.logger.update(line, lengths)
         self.state.trace_lines = self.logger.trace_lines
-        if not self.controller.colocated:
+        if self.snapshots:
             self._snapshot_weights()  # the trainer is idle now: a safe point
         self._watch_rewards(rewards, record.step)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if record.skipped else 0
@@ -146,9 +149,27 @@ class Run:
 
     # --- the run's own actions ----------------------------------------------------------------
 
+    def pull_weights(self) -> None:
+        """Bring `model` up to date where the trainer hands its weights on by reference (the
+        Ray trainer ranks) instead of loading them into it at every update."""
+        pull = getattr(self.trainer, "pull_weights", None)
+        if pull is not None:
+            pull()
+
     def evaluate(self) -> dict[str, Any]:
+        """Evaluate the current policy: on the Ray replicas where the backend can, else on
+        the driver's model (brought up to date first)."""
+        generate = self.backend.evaluator(self.engine)
+        if generate is None:
+            self.pull_weights()
         return evaluate_run(
-            self.cfg, self.model, self.tokenizer, self.scorer, self.problems.eval, self.console
+            self.cfg,
+            self.model,
+            self.tokenizer,
+            self.scorer,
+            self.problems.eval,
+            self.console,
+            generate,
         )
 
     def checkpoint(self, step: int) -> Path:
@@ -169,6 +190,7 @@ class Run:
         self.state.scores = [_score_row(k, v) for k, v in self.scores.items()]
         saved_clock = self.state.clock
         doc = self.state.model_copy(update={"clock": saved_clock.plus(self.clock)}).to_json()
+        self.pull_weights()  # the checkpoint's weights are the driver's model's
         return save_checkpoint(
             self.ckpt_root,
             step,
@@ -257,7 +279,7 @@ class Run:
     def finish(self, out: Path, result: RunResult) -> dict[str, Any]:
         """After the loop: evaluate, save the model, draw the report; returns the evaluation."""
         self.model.eval()
-        eval_after = self.evaluate()
+        eval_after = self.evaluate()  # pulls the last weights into `model` first
         steps = len(self.state.history)
         if not self.state.evals or self.state.evals[-1]["step"] != steps:
             self.state.evals.append({"step": steps, **eval_after})

@@ -58,6 +58,7 @@ def train(
     import torch
     from transformers.utils import logging as hf_logging
 
+    from sortedrl.cluster.backend import evaluates_on_replicas
     from sortedrl.commands.backend import make_backend
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run's output
@@ -100,7 +101,7 @@ def train(
             records=records,
             too_long=too_long,
         )
-        if state.eval_before is None:
+        if state.eval_before is None and not evaluates_on_replicas(cfg):
             state.eval_before = evaluate_run(cfg, model, tokenizer, scorer, eval_problems, console)
             state.evals.append({"step": 0, **state.eval_before})
 
@@ -134,6 +135,9 @@ def train(
                 t_start=t_start,
                 console=console,
             )
+            if state.eval_before is None:  # on the replicas, now that they run
+                state.eval_before = run.evaluate()
+                state.evals.append({"step": 0, **state.eval_before})
             if resumed:
                 run.restore_rng(resumed.trainer_state["rng"])
             result = run.execute(pause_for_update=pause_for_update(cfg))

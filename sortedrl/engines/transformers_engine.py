@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -242,7 +243,8 @@ class TransformersEngine(EngineBase):
 
     def load_weights(self, weights: Any, version: int) -> float:
         """Copy `weights` (a state dict of tensors, or None for weights already in place) into
-        the model in place, and serve them as `version`.
+        the model in place, and serve them as `version`. A tied weight may come once, under
+        its first name (as the model's files hold it).
 
         Later tokens of running sequences carry `version`. Their keys and values so far were
         computed by the old weights; unless `reprefill_on_load` is set, decoding continues on
@@ -255,7 +257,10 @@ class TransformersEngine(EngineBase):
                 raise TypeError(f"load_weights expects a state dict, got {type(weights).__name__}")
             with torch.no_grad():
                 own = self.model.state_dict()
-                missing = [k for k in own if k not in weights]
+                # Tied names share one tensor: the first name's copy fills them all.
+                firsts = {n for n, _ in self.model.named_parameters()}
+                tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - firsts
+                missing = [k for k in own if k not in weights and k not in tied]
                 unexpected = [k for k in weights if k not in own]
                 if missing or unexpected:
                     raise ValueError(
@@ -263,6 +268,8 @@ class TransformersEngine(EngineBase):
                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
                     )
                 for k, dst in own.items():
+                    if k not in weights:  # tied: filled through its first name
+                        continue
                     src = weights[k]
                     if src.data_ptr() != dst.data_ptr():
                         dst.copy_(src)
@@ -448,16 +455,32 @@ def build_transformers_engine(
     model: Any,
     tokenizer: Any,
     version: int,
+    *,
+    tensor_parallel_size: int = 1,
 ) -> TransformersEngine:
-    """The engine of `rollout.engine=transformers` (its entry in `engines/registry.py`)."""
+    """The engine of `rollout.engine=transformers` (its entry in `engines/registry.py`);
+    `model` is a model object or a model directory (loaded for this engine alone)."""
+    if tensor_parallel_size != 1:
+        raise ValueError(
+            f"cluster.tensor_parallel_size={tensor_parallel_size}: the transformers engine "
+            "runs on one device"
+        )
+    if isinstance(model, str | os.PathLike):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    else:
+        model = copy.deepcopy(model)  # its own weights: the trainer changes `model` meanwhile
+    dtype = rollout.dtype
     engine = TransformersEngine(
-        copy.deepcopy(model),  # its own weights: the trainer changes `model` meanwhile
+        model,
         tokenizer,
         capacity=rollout.capacity,
         temperature=rollout.temperature,
         top_p=rollout.top_p,
         seed=seed,
         device=model_cfg.device,
+        dtype=None if dtype in (None, "auto") else getattr(torch, dtype),
     )
     engine.load_weights(None, version)  # the copied weights are policy `version`
     return engine

@@ -34,6 +34,9 @@ Pause, weights, capacity
   own `model.load_weights`, which knows the fused layouts). Running sequences continue on the
   KV cache they have under the new weights, as the transformers engine does; with
   `reprefill_on_load` they are aborted and resubmitted (prompt + tokens so far) instead.
+* With `enable_prefix_caching`, every `load_weights` resets vLLM's prefix cache
+  (`LLMEngine.reset_prefix_cache(reset_running_requests=True)`): running sequences are
+  preempted and prefilled again under the new weights, whatever `reprefill_on_load` says.
 * `capacity` is vLLM's `max_num_seqs`. `kv_cache_sequences` says how many sequences of
   `max_model_len` tokens the KV cache holds; when it is smaller, vLLM runs fewer sequences
   than `capacity` and the bubble ratio (counted against `capacity`) includes that shortfall.
@@ -109,14 +112,23 @@ class VLLMEngine(EngineBase):
             model's `eos_token_id`), `[]` disables stopping on tokens.
         seed: seed of the per-request sampling seeds.
         device: "cpu" or "cuda"; must be the platform of the installed vLLM build.
-        dtype: the model's precision in vLLM ("float32", "bfloat16", ...); None: float32 on
-            the CPU, the model's own dtype on a GPU.
+        dtype: the model's precision in vLLM ("float32", "bfloat16", "auto", ...); None:
+            float32 on the CPU, "auto" (the model's own dtype) on a GPU.
         max_model_len: most tokens of prompt + response; None: the model's
             `max_position_embeddings`.
         kv_cache_gib: memory of the KV cache in GiB (vLLM's `kv_cache_memory_bytes`; on the
-            CPU, `VLLM_CPU_KVCACHE_SPACE` in the environment takes precedence, as in vLLM).
+            CPU, `VLLM_CPU_KVCACHE_SPACE` in the environment takes precedence, as in vLLM);
+            None: `CPU_KV_CACHE_GIB` on the CPU, on a GPU what `gpu_memory_utilization`
+            leaves after the weights and activations.
         gpu_memory_utilization: on a GPU with `kv_cache_gib=None`, the fraction of GPU memory
-            vLLM may use for weights, activations and KV cache.
+            vLLM may use for weights, activations and KV cache; None:
+            `GPU_MEMORY_UTILIZATION`.
+        enforce_eager: no CUDA graphs; None: True on the CPU, False on a GPU.
+        enable_prefix_caching: vLLM's prefix cache; it is reset at every weight load (a
+            block computed under old weights is wrong under new ones), and a reset needs the
+            running sequences out of it: vLLM preempts them and prefills them again.
+        tensor_parallel_size: GPUs the model is sharded over (vLLM's workers are processes of
+            this one, `distributed_executor_backend="mp"`, on the GPUs this process sees).
         free_cache_on_pause: sleep on `pause` to free the KV cache; None: where vLLM
             supports sleep mode (CUDA).
         reprefill_on_load: when `load_weights` changes the weights under running sequences,
@@ -135,8 +147,11 @@ class VLLMEngine(EngineBase):
         device: str = "cpu",
         dtype: str | None = None,
         max_model_len: int | None = None,
-        kv_cache_gib: float | None = 0.25,
-        gpu_memory_utilization: float = 0.5,
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float | None = None,
+        enforce_eager: bool | None = None,
+        enable_prefix_caching: bool = False,
+        tensor_parallel_size: int = 1,
         free_cache_on_pause: bool | None = None,
         reprefill_on_load: bool = False,
     ):
@@ -173,7 +188,8 @@ class VLLMEngine(EngineBase):
         self._tracks: dict[str, _Track] = {}
         self._asleep = False
         self._tmpdir: str | None = None
-        self.stats = {"steps": 0, "prefills": 0, "aborted": 0, "sleeps": 0, "weight_loads": 0}
+        counters = ("steps", "prefills", "aborted", "sleeps", "weight_loads", "prefix_cache_resets")
+        self.stats = dict.fromkeys(counters, 0)
 
         path, config = self._model_dir(model)
         self._weight_names = _checkpoint_names(path)
@@ -182,7 +198,24 @@ class VLLMEngine(EngineBase):
         if free_cache_on_pause is None:
             free_cache_on_pause = current_platform.is_sleep_mode_available()
         self.free_cache_on_pause = bool(free_cache_on_pause)
-        self._llm = self._start(path, dtype, kv_cache_gib, gpu_memory_utilization, want)
+        if kv_cache_gib is None and want == "cpu":
+            kv_cache_gib = CPU_KV_CACHE_GIB
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        #: the arguments vLLM was started with (`vllm.engine.arg_utils.EngineArgs`)
+        self.engine_args = self._engine_args(
+            path,
+            dtype=dtype,
+            kv_cache_gib=kv_cache_gib,
+            gpu_memory_utilization=gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
+            enforce_eager=want == "cpu" if enforce_eager is None else bool(enforce_eager),
+            tensor_parallel_size=int(tensor_parallel_size),
+            device=want,
+        )
+        try:
+            self._llm = self._start(self.engine_args)
+        except BaseException:
+            self.close()  # the temporary model copy goes with the failed start
+            raise
         cache = self._llm.vllm_config.cache_config
         #: KV cache size in tokens, and in sequences of `max_model_len` tokens.
         self.kv_cache_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
@@ -210,14 +243,25 @@ class VLLMEngine(EngineBase):
         model.save_pretrained(self._tmpdir, safe_serialization=True)
         return self._tmpdir, config
 
-    def _start(self, path, dtype, kv_cache_gib, gpu_memory_utilization, device):
+    def _engine_args(
+        self,
+        path: str,
+        *,
+        dtype: str | None,
+        kv_cache_gib: float | None,
+        gpu_memory_utilization: float,
+        enforce_eager: bool,
+        tensor_parallel_size: int,
+        device: str,
+    ) -> Any:
         from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
 
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         if dtype is None:
             dtype = "float32" if device == "cpu" else "auto"
         logprobs_mode = "processed_logprobs" if self.top_p >= 1.0 else "raw_logprobs"
-        args = EngineArgs(
+        return EngineArgs(
             model=path,
             skip_tokenizer_init=True,
             dtype=dtype,
@@ -226,14 +270,22 @@ class VLLMEngine(EngineBase):
             max_num_seqs=self._capacity,
             max_num_batched_tokens=max(2048, self.max_model_len),
             logprobs_mode=logprobs_mode,
-            enforce_eager=device == "cpu",
-            enable_prefix_caching=False,  # a block cached under old weights would outlive them
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,  # reset at every weight load
+            tensor_parallel_size=tensor_parallel_size,
+            # Workers as processes of this one: inside a Ray actor vLLM would otherwise ask
+            # Ray for GPUs the actor already holds.
+            distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
             generation_config="vllm",  # sampling comes from here, not generation_config.json
             kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=self.free_cache_on_pause,
             disable_log_stats=True,
         )
+
+    def _start(self, args: Any) -> Any:
+        from vllm.v1.engine.llm_engine import LLMEngine
+
         return LLMEngine.from_engine_args(args)
 
     def close(self) -> None:
@@ -374,7 +426,20 @@ class VLLMEngine(EngineBase):
                 for t in running:
                     t.started = False
                     self._add_to_vllm(t)
+        if weights is not None and self.enable_prefix_caching:
+            self._reset_prefix_cache()
         return time.perf_counter() - t0
+
+    def _reset_prefix_cache(self) -> None:
+        """Forget every cached block: they were computed under the old weights. vLLM frees
+        the blocks of running sequences too, by preempting them; they prefill again (prompt +
+        tokens so far) under the new weights, and that prefill is counted."""
+        for t in self._tracks.values():
+            if t.in_vllm:
+                t.started = False
+        if not self._llm.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError("vLLM did not reset its prefix cache after a weight load")
+        self.stats["prefix_cache_resets"] += 1
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -426,6 +491,13 @@ class VLLMEngine(EngineBase):
         self._asleep = tags is not None and "kv_cache" not in tags
 
 
+#: The KV cache on the CPU when none is asked for, GiB.
+CPU_KV_CACHE_GIB = 0.25
+
+#: The share of GPU memory vLLM takes when none is asked for: a colocated trainer rank needs
+#: the rest.
+GPU_MEMORY_UTILIZATION = 0.5
+
 #: Head sizes vLLM's CPU attention supports (`CPUAttentionBackend.get_supported_head_sizes`).
 _CPU_HEAD_SIZES = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
 
@@ -461,16 +533,26 @@ def build_vllm_engine(
     model: Any,
     tokenizer: Any,
     version: int,
+    *,
+    tensor_parallel_size: int = 1,
 ) -> VLLMEngine:
-    """The engine of `rollout.engine=vllm` (its entry in `engines/registry.py`)."""
+    """The engine of `rollout.engine=vllm` (its entry in `engines/registry.py`). An empty
+    rollout setting stays None here, and the engine puts its device's default in its place."""
     engine = VLLMEngine(
-        model,  # saved to a temporary directory now: later training does not touch that copy
+        model,  # a model object is saved to a temporary directory: training does not touch it
         tokenizer,
         capacity=rollout.capacity,
         temperature=rollout.temperature,
         top_p=rollout.top_p,
         seed=seed,
         device=model_cfg.device,
+        dtype=rollout.dtype,
+        max_model_len=rollout.max_model_len,
+        kv_cache_gib=rollout.kv_cache_gib,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        enforce_eager=rollout.enforce_eager,
+        enable_prefix_caching=rollout.enable_prefix_caching,
+        tensor_parallel_size=tensor_parallel_size,
     )
     engine.load_weights(None, version)  # the saved weights are policy `version`
     return engine

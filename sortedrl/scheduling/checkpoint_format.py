@@ -9,7 +9,8 @@ from typing import Any
 # (max_staleness_trained, ...). 3: length-aware scheduling: the settings
 # submit_order and update_pacing, each group's epoch, a rank per queue entry, the length history.
 # 4: each group's record_id (the length history's key when it is not the prompt id).
-CHECKPOINT_FORMAT = 4
+# 5: rollout_batch may be auto: the window-fit rule's state and the round counters.
+CHECKPOINT_FORMAT = 5
 _V1_UPDATE_KEYS = {
     "mean_response_len": "response_len_mean",
     "max_staleness": "max_staleness_trained",
@@ -48,6 +49,11 @@ def _upgrade_v3(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "format": 4, "groups": groups}
 
 
+def _upgrade_v4(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 4 to 5: every run had a fixed rollout batch (no rule, rounds by arithmetic)."""
+    return {**state, "format": 5, "rollout_batch_rule": None, "round": [0, 0]}
+
+
 def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     """`state` in the current format; raises on a format this code does not know."""
     if state.get("format") == 1:
@@ -56,6 +62,8 @@ def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
         state = _upgrade_v2(state)
     if state.get("format") == 3:
         state = _upgrade_v3(state)
+    if state.get("format") == 4:
+        state = _upgrade_v4(state)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"unknown controller checkpoint format {state.get('format')!r}")
     return state

@@ -12,7 +12,7 @@ A setting the chosen policy does not read is an error when it is set explicitly 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,6 +45,11 @@ IGNORED_BY: dict[str, dict[str, str]] = {
 }
 
 
+# The rollout batch that partial and async use under `rollout_batch: auto`: the fixed default
+# every policy had before sorted adapted its own (four update batches of the embedded run).
+FIXED_ROLLOUT_BATCH = 32
+
+
 def ignored_settings(policy: str, cache: str) -> dict[str, str]:
     """Settings `policy` (with this `cache`) does not read -> why."""
     ignored = dict(IGNORED_BY[policy])
@@ -62,9 +67,14 @@ class SchedulerConfig(BaseModel):
     policy: PolicyName = Field("sorted", description="sync | sorted | partial | async")
     # Default: the usual GRPO group; 8 samples give the group-mean baseline enough to go on.
     group_size: int = Field(8, ge=1, description="responses per prompt (G)")
-    # Default: four update batches in flight, 256 responses for a 64-sequence engine.
-    rollout_batch: int = Field(
-        32, ge=1, description="prompts kept in flight (R); sync uses update_batch instead"
+    # Default: auto, because the best R depends on the lengths (it moved goodput by 14% and the
+    # discarded share from 38% to 11% on one workload): sorted picks it by the window-fit rule
+    # (scheduling/rollout_batch.py). partial and async keep the fixed value they had.
+    rollout_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="prompts kept in flight (R); auto: sorted picks and adapts it while it runs "
+        f"(the window-fit rule), partial and async use {FIXED_ROLLOUT_BATCH}; sync uses "
+        "update_batch instead",
     )
     # Default: a quarter of the rollout batch, so updates come often and train short groups first.
     update_batch: int = Field(8, ge=1, description="complete groups per policy update (U)")
@@ -126,10 +136,17 @@ class SchedulerConfig(BaseModel):
                 f"{' with cache=drop' if self.policy == 'sorted' else ''} ignores it "
                 f"({ignored[name]}); remove it"
             )
-        if self.policy != "sync" and self.update_batch > self.rollout_batch:
+        if self.rollout_batch == "auto" and "rollout_batch" in self.model_fields_set:
+            if self.policy != "sorted":
+                raise ValueError(
+                    f"rollout_batch=auto is sorted's window-fit rule; policy {self.policy} "
+                    "needs a number (or leave it unset)"
+                )
+        if self.policy != "sync" and self.update_batch > self.fixed_rollout_batch:
             raise ValueError(
                 f"update_batch ({self.update_batch}) must not exceed rollout_batch "
-                f"({self.rollout_batch}): an update needs that many complete groups in flight"
+                f"({self.fixed_rollout_batch}): an update needs that many complete groups "
+                "in flight"
             )
         if self.policy != "sorted" and "update_pacing" not in self.model_fields_set:
             # Only sorted reads it: the others record it off, as every run did before it
@@ -153,7 +170,7 @@ class SchedulerConfig(BaseModel):
     @property
     def uses_length_history(self) -> bool:
         """Whether the controller keeps a per-prompt length history."""
-        return self.submit_order != "fifo" or self.paces_updates
+        return self.submit_order != "fifo" or self.paces_updates or self.adaptive_rollout_batch
 
     def differences(self, saved: dict[str, object]) -> str:
         """The settings this policy reads that differ in `saved` (a checkpoint's config dump),
@@ -186,5 +203,20 @@ class SchedulerConfig(BaseModel):
         return "round" if self.cache == "drop" else "fill"
 
     @property
+    def adaptive_rollout_batch(self) -> bool:
+        """Whether `sorted` picks its own rollout batch (`rollout_batch: auto`)."""
+        return self.policy == "sorted" and self.rollout_batch == "auto"
+
+    @property
+    def fixed_rollout_batch(self) -> int:
+        """The rollout batch when it is a number: the one set, or partial's and async's
+        under auto; an adaptive `sorted` starts at U (its rule's R is never below it)."""
+        if isinstance(self.rollout_batch, int):
+            return self.rollout_batch
+        return self.update_batch if self.policy == "sorted" else FIXED_ROLLOUT_BATCH
+
+    @property
     def effective_rollout_batch(self) -> int:
-        return self.update_batch if self.policy == "sync" else self.rollout_batch
+        """The fixed rollout batch (sync: update_batch); an adaptive `sorted` asks its
+        controller (`Controller.rollout_batch`)."""
+        return self.update_batch if self.policy == "sync" else self.fixed_rollout_batch

@@ -26,6 +26,7 @@ from sortedrl.scheduling.protocol import (
     Request,
     UpdateBatch,
 )
+from sortedrl.scheduling.rollout_batch import WindowFitRule
 from sortedrl.scheduling.state import Group, GroupState, PromptSpec, Seq, SeqState
 
 # Queue priority classes: lower goes first.
@@ -63,6 +64,16 @@ class Controller:
         self._in_update: list[Group] | None = None
         # Length-aware scheduling (submit_order, update_pacing): see scheduling/lengths.py.
         self._lengths: Lengths = lengths if lengths is not None else length_tracker(config)
+        # sorted with rollout_batch=auto: the window-fit rule picks R (scheduling/rollout_batch.py).
+        self._rule: WindowFitRule | None = None
+        if config.adaptive_rollout_batch:
+            self._rule = WindowFitRule(
+                config.update_batch,
+                config.group_size,
+                config.staleness_limit or 0,
+            )
+        # Rounds under a varying R: (round index, prompts admitted into it).
+        self._round, self._round_admitted = 0, 0
 
     # --- what policies look at ----------------------------------------------------------------
     @property
@@ -77,6 +88,13 @@ class Controller:
     def generating_groups(self) -> int:
         in_update = len(self._in_update) if self._in_update else 0
         return len(self._groups) - self.buffer.num_complete() - in_update
+
+    @property
+    def rollout_batch(self) -> int:
+        """R now: the setting, or the window-fit rule's current choice."""
+        if self._rule is not None and self._rule.rollout_batch is not None:
+            return self._rule.rollout_batch
+        return self.config.effective_rollout_batch
 
     @property
     def live_admitted(self) -> int:
@@ -113,6 +131,8 @@ class Controller:
     # --- admission and submission -------------------------------------------------------------
     def requests_to_submit(self, free_slots: int) -> list[Request]:
         """Admit prompts as the policy allows, then hand out up to `free_slots` requests."""
+        if self._rule is not None and self._rule.capacity is None:
+            self._rule.set_capacity(free_slots + len(self._running))  # the engine's slots
         if self._in_update is None or not self.colocated:
             spare = free_slots - self._n_queued
             self._admit(self.policy.prompts_to_admit(self, spare))
@@ -131,13 +151,22 @@ class Controller:
             if spec is None:
                 return
             self._next_spec = next(self._prompts, None)
-            group = Group(spec, self._admitted, self._admitted // cfg.effective_rollout_batch)
+            group = Group(spec, self._admitted, self._next_round())
             group.seqs = [Seq(group, i) for i in range(cfg.group_size)]
             self._groups[group.order] = group
             self._admitted += 1
             self.ledger.prompts_admitted += 1
             for seq in group.seqs:
                 self._enqueue(seq, _ADMITTED)
+
+    def _next_round(self) -> int:
+        """The round (rollout batch) the next admitted prompt belongs to."""
+        if self._rule is None:
+            return self._admitted // self.config.effective_rollout_batch
+        if self._round_admitted >= self.rollout_batch:
+            self._round, self._round_admitted = self._round + 1, 0
+        self._round_admitted += 1
+        return self._round
 
     def _enqueue(self, seq: Seq, priority: int, rank: float | None = None) -> None:
         if seq.group.protected:
@@ -191,6 +220,10 @@ class Controller:
             seq.reward = rewards[i] if rewards is not None else 0.0
             self._lengths.record(seq.group.spec.history_key, gen.n_tokens)
             if self.buffer.add_finished(seq):
+                if self._rule is not None:
+                    self._rule.group_completed(
+                        seq.group.order, [s.n_tokens for s in seq.group.seqs]
+                    )
                 self._on_group_complete(seq.group)
 
     def _take_running(self, gen: Generation) -> Seq:
@@ -298,7 +331,15 @@ class Controller:
         # Cached partials resume first; everything held is then checked against the limit.
         for seq in self.buffer.take_cached():
             self._enqueue(seq, _RESUME)
-        return self._enforce_staleness()
+        to_abort = self._enforce_staleness()
+        if self._rule is not None and self._rule.rollout_batch is not None:
+            oldest = next(
+                (g.order for g in self._groups.values() if g.state is GroupState.ACTIVE),
+                self._admitted,
+            )
+            self._rule.admitted_through(oldest)
+            self._rule.decide()
+        return to_abort
 
     def _too_stale(self, seq: Seq) -> bool:
         limit = self.config.staleness_limit
@@ -391,6 +432,8 @@ class Controller:
             "protect_waitlist": [g.order for g in self._protect_waitlist if g.open],
             "ledger": self.ledger.state_dict(),
             "lengths": self._lengths.state_dict(),
+            "rollout_batch_rule": None if self._rule is None else self._rule.state_dict(),
+            "round": [self._round, self._round_admitted],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -422,6 +465,14 @@ class Controller:
             self._enqueue(groups[order].seqs[index], priority, rank)
         self._protect_waitlist.extend(groups[o] for o in state["protect_waitlist"])
         self.ledger.load_state_dict(state["ledger"])
+        if self._rule is not None:
+            rule_state = state["rollout_batch_rule"]
+            if rule_state is None:
+                raise ValueError(
+                    "the checkpoint has no rollout batch rule state, but rollout_batch is auto"
+                )
+            self._rule.load_state_dict(rule_state)
+        self._round, self._round_admitted = state["round"]
 
     # --- the end ------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -462,5 +513,11 @@ class Controller:
     def _pacing_holds(self) -> bool:
         groups, running = list(self._groups.values()), list(self._running.values())
         return self._lengths.pacing_holds(
-            self.config, self._version, groups, running, self._n_queued, self.exhausted
+            self.config,
+            self._version,
+            groups,
+            running,
+            self._n_queued,
+            self.exhausted,
+            self.rollout_batch,
         )

@@ -189,17 +189,19 @@ class LengthTracker:
         running: Collection[Seq],
         queued: int,
         exhausted: bool,
+        rollout_batch: int,
     ) -> bool:
         """True while a planned wait before the due update is still worth it. One plan per
         update (`plan_wait`); the wait ends at its deadline or when the groups it waits for
         are complete, whichever comes first. `groups`: the open groups; `queued`: responses
-        in the controller's queue; `exhausted`: no prompt is left to admit."""
+        in the controller's queue; `exhausted`: no prompt is left to admit; `rollout_batch`: the
+        R admission keeps open now."""
         if not running:
             return False
         # Responses that could take a freed slot: queued, or of prompts admission may add.
         refill = queued
         if config.effective_admission == "fill" and not exhausted:
-            refill += max(0, config.rollout_batch - len(groups)) * config.group_size
+            refill += max(0, rollout_batch - len(groups)) * config.group_size
         if self._pace is None:
             if self._pace_decided:
                 return False
@@ -296,6 +298,7 @@ class NoLengthTracker:
         running: Collection[Seq],
         queued: int,
         exhausted: bool,
+        rollout_batch: int,
     ) -> bool:
         return False
 

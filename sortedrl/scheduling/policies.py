@@ -28,6 +28,8 @@ class PolicyView(Protocol):
     def live_admitted(self) -> int: ...  # admitted and not dropped, over the whole run
     @property
     def generating_groups(self) -> int: ...  # open groups not yet complete
+    @property
+    def rollout_batch(self) -> int: ...  # R now: the setting, or sorted's window-fit choice
 
 
 class Policy(ABC):
@@ -60,9 +62,9 @@ class Sorted(Policy):
         cfg = view.config
         if cfg.effective_admission == "fill" and free_slots >= cfg.group_size:
             # Keep the engine full: start the next round's prompts as slots free up.
-            return min(free_slots // cfg.group_size, cfg.rollout_batch - view.open_groups)
+            return min(free_slots // cfg.group_size, view.rollout_batch - view.open_groups)
         if view.open_groups == 0:
-            return cfg.rollout_batch
+            return view.rollout_batch
         # A round whose remainder cannot fill an update batch (rollout_batch not a multiple of
         # update_batch, or groups were filtered) is topped up so the next update can happen.
         return max(0, cfg.update_batch - view.open_groups)
@@ -75,7 +77,7 @@ class PartialRollout(Policy):
     name = "partial"
 
     def prompts_to_admit(self, view: PolicyView, free_slots: int) -> int:
-        return max(0, view.config.rollout_batch - view.open_groups)
+        return max(0, view.rollout_batch - view.open_groups)
 
 
 class Async(Policy):
@@ -89,7 +91,7 @@ class Async(Policy):
     def prompts_to_admit(self, view: PolicyView, free_slots: int) -> int:
         cfg = view.config
         window = (view.version + cfg.max_staleness + 1) * cfg.update_batch - view.live_admitted
-        return max(0, min(cfg.rollout_batch - view.generating_groups, window))
+        return max(0, min(view.rollout_batch - view.generating_groups, window))
 
 
 POLICY_CLASSES: dict[str, type[Policy]] = {

@@ -19,7 +19,7 @@ before the controller decides on an update.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -251,6 +251,12 @@ class Backend(Protocol):
     ) -> Engine:
         """An engine serving `model`'s current weights as policy `version`;
         `problems_by_id` lets an engine that scores its own responses find their problems."""
+        ...
+
+    def evaluator(self, engine: Engine) -> Callable[..., list[Generation]] | None:
+        """`generate(requests, temperature, top_p, seed)` where evaluation runs on `engine`'s
+        side (the Ray replicas), so the driver needs no current weights; None: evaluation
+        runs in this process on the driver's model."""
         ...
 
     def close(self) -> None:

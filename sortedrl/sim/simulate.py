@@ -226,6 +226,8 @@ def simulate(
         summary.update(split.as_dict())
         summary["gpu_busy_share"] = _gpu_busy_share(summary, split)
         summary["capacity"] = result.clock.capacity
+        # The R the run ended with: the setting, or where sorted's window-fit rule settled.
+        summary["rollout_batch"] = result.controller.rollout_batch
         summary["replica_bubble_ratio"] = _replica_bubbles(result, spec)
         results[name] = summary
         timelines[name] = result.clock.timeline.series()

@@ -190,15 +190,17 @@ class FSDPTrainer:
     `GRPOTrainer` with `ProcessGroupParallel`, sharded checkpoints. All ranks call every method
     together (each is collective). `update` returns the weights on rank 0 only.
 
-    `model` is moved whole to `device` before it is sharded, so each rank holds a full copy
-    for a moment (fine for the models this runs on; a model too big for one device would need
-    to be built on the meta device and loaded shard by shard, which this does not do)."""
+    `model` is a Hugging Face model directory or a model object. From a directory, the model
+    is built on the meta device, sharded, and each rank reads only its own shards from the
+    safetensors files (`sortedrl.training.sharded_load`): no rank holds the whole model, and
+    the reference model of a KL term is loaded the same way. A model object is moved whole to
+    `device` before it is sharded, so each rank holds a full copy for a moment."""
 
     virtual_time = False
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | str | Path,
         config: TrainerConfig,
         device: torch.device,
         *,
@@ -206,11 +208,23 @@ class FSDPTrainer:
         seed: int = 0,
     ) -> None:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        model = model.to(device)
         ref = None
-        if config.kl_coef > 0:
-            ref = shard_model(copy.deepcopy(model).eval().requires_grad_(False), mesh)
-        self.model = shard_model(model, mesh)
+        if isinstance(model, str | Path):
+            from sortedrl.training.sharded_load import load_sharded
+
+            def shard(m: nn.Module) -> nn.Module:
+                return shard_model(m, mesh)
+
+            if config.kl_coef > 0:
+                ref = load_sharded(model, shard, device, mesh).eval().requires_grad_(False)
+            model = load_sharded(model, shard, device, mesh)
+            model.train()
+        else:
+            model = model.to(device)
+            if config.kl_coef > 0:
+                ref = shard_model(copy.deepcopy(model).eval().requires_grad_(False), mesh)
+            model = shard_model(model, mesh)
+        self.model = model
         self.dp = ProcessGroupParallel(device)
         self.trainer = GRPOTrainer(
             self.model,
