@@ -30,7 +30,7 @@ from tests.engine_contract import (  # noqa: E402
     tiny_greedy,
     tiny_harness,
 )
-from tests.replica_fakes import SteppingReplica  # noqa: E402
+from tests.replica_fakes import LateDeliveryReplica, SteppingReplica  # noqa: E402
 from tests.stepping_engine import UnitTrainer  # noqa: E402
 
 CLUSTER = ClusterConfig(backend="ray", rollout_replicas=2)
@@ -63,7 +63,11 @@ def _without_stop(tok, model):
 @pytest.fixture(scope="module")
 def greedy_pool(placement):
     tok, model = _without_stop(*tiny_greedy())
-    pool = build_replica_pool(_greedy_cfg(3), model, tok, 0, placement, None)
+    # The contract steps a couple of times and expects the response still running: the
+    # driver hears from a replica every 5 ms (a few decode steps of the tiny model).
+    cfg = _greedy_cfg(3)
+    cfg = cfg.model_copy(update={"cluster": CLUSTER.model_copy(update={"replica_report_s": 0.005})})
+    pool = build_replica_pool(cfg, model, tok, 0, placement, None)
     yield pool, tok, model
     pool.close()
 
@@ -131,10 +135,10 @@ def test_a_step_returns_while_a_slower_replica_still_steps_and_settle_returns_th
 
 @pytest.mark.parametrize("call", ["pause", "abort", "load_weights"])
 def test_a_call_that_settles_keeps_what_finished_for_the_next_step(ray_local, call):
-    pool = _fake_pool([0.0, 2.0])
+    pool = _fake_pool([0.5, 2.0])
     try:
-        pool.submit(_requests(2, [4, 1]))  # r0 on the fast replica, r1 (1 token) on the slow
-        first = pool.step()  # the fast replica's first step; the slow one's still runs
+        pool.submit(_requests(2, [4, 1]))  # r0 (3 tokens) on the faster replica, r1 (1) on the slow
+        first = pool.step()  # a heartbeat (report_s): both replicas are in their first step
         assert not first.finished and pool.in_flight() == 2
         if call == "pause":
             partials = pool.pause()
@@ -155,7 +159,10 @@ def test_a_call_that_settles_keeps_what_finished_for_the_next_step(ray_local, ca
 
 @pytest.mark.parametrize("call", ["pause", "load_weights"])
 def test_a_replica_found_dead_by_a_pause_or_a_weight_load_is_restarted(ray_local, call):
-    pool = _fake_pool([0.0, 0.0])
+    # Steps longer than the pool's report_s: the first step() is a heartbeat, and the settle
+    # holds every replica after its first step (replicas run by themselves; at no step time
+    # they would finish everything before the driver looks).
+    pool = _fake_pool([0.3, 0.3])
     try:
         pool.submit(_requests(4, 6))  # r1, r3 on replica 1
         pool.step()
@@ -178,6 +185,39 @@ def test_a_replica_found_dead_by_a_pause_or_a_weight_load_is_restarted(ray_local
         assert sorted(g.request_id for g in gens) == want
         assert pool.stats["replica_restarts"] == 1 and pool.version == (call == "load_weights")
         assert ray.get(pool.actors()[1].version.remote()) == pool.version
+    finally:
+        pool.close()
+
+
+def test_a_replica_killed_holding_finished_generations_loses_none_and_counts_none_twice(
+    ray_local,
+):
+    import time
+
+    actor = ray.remote(LateDeliveryReplica)
+    pool = ReplicaPool(
+        lambda i: actor.options(num_cpus=0, max_concurrency=2).remote(2, 0.01, 60.0 * i), 2, 0
+    )
+    try:
+        pool.submit(_requests(4, 3))  # r1, r3 on replica 1, whose first poll delivers late
+        reports = [pool.step()]  # replica 0's delivery
+        slow = pool.actors()[1]
+        for _ in range(200):  # replica 1 finishes r1 and r3 in ~30 ms and keeps them
+            if ray.get(slow.undelivered.remote()) == 2:
+                break
+            time.sleep(0.05)
+        assert ray.get(slow.undelivered.remote()) == 2 and ray.get(slow.num_unfinished.remote())
+        ray.kill(slow)
+        while pool.num_unfinished():
+            reports.append(pool.step())
+        back = [g for r in reports for g in r.finished]
+        assert sorted(g.request_id for g in back) == ["r0", "r1", "r2", "r3"]  # once each
+        # The tokens the killed replica generated were never delivered, so never counted:
+        # every token reported belongs to a response delivered once.
+        assert sum(r.tokens_generated for r in reports) == sum(g.n_tokens for g in back) == 12
+        assert pool.stats["replica_restarts"] == 1
+        assert pool.stats["replicas"][1]["requests_resubmitted"] == 2
+        _assert_time_balances(pool, reports)
     finally:
         pool.close()
 

@@ -46,6 +46,12 @@ class ClusterConfig(BaseModel):
         description="GPUs for each replica; empty: tensor_parallel_size on a GPU "
         "(model.device cuda), 0 on the CPU",
     )
+    replica_report_s: float = Field(
+        0.1,
+        gt=0,
+        description="the longest a working replica goes without reporting to the driver "
+        "(a heartbeat with its busy time); what finishes is reported at once",
+    )
     rank_cpus: float = Field(1.0, gt=0, description="CPUs reserved for each trainer rank")
     rank_gpus: float | None = Field(
         None, ge=0, description="GPUs for each trainer rank; empty: 1 on a GPU, 0 on the CPU"

@@ -1,48 +1,67 @@
-"""Time of a replica pool whose replicas step concurrently (pure Python, no Ray).
+"""Time of a replica pool whose replicas run by themselves (pure Python, no Ray).
 
-A replica's step is known only when the driver collects it, and by then the pool may already
-have reported the time that step started in (another replica's step came back first). Counting
-the step's busy slot-time where it is collected could report more busy time than
-`capacity x elapsed` for that report, and the run's clock refuses that (`OvercountedBusyTime`).
+Each replica delivers periods of its own clock, mapped to the driver's: `[start, end]` with
+the busy slot-time its engine reported for the steps in it. The engine saw that time, so the
+round trip to the driver is not idle slot time. A period reaches the driver after it ended,
+and by then the pool may have reported time past its start (another replica delivered
+first). Counting its busy time where it arrives could report more busy time than
+`capacity x elapsed`, and the run's clock refuses that (`OvercountedBusyTime`).
 
-So the pool reports time up to a horizon: the launch time of the oldest step still in flight
-(or now, when none is). Up to there every replica's busy time is known: each collected step
-is spread evenly over the span the driver saw it run (launch to collection), and each report
-takes exactly the part that falls in its span. Every report then keeps
-`busy <= capacity x elapsed` (a step's rate never exceeds its replica's capacity), and once the
-pool is settled (nothing in flight) the reported totals equal the replicas' totals exactly.
-Time while nothing is in flight (an update, a weight sync) is not generating time: the
-accounting restarts at the next launch.
+So the pool reports time up to a horizon: the earliest point from which a replica may still
+deliver busy time (where its next period starts), or now when no replica is working. Each
+period's busy time is spread evenly over it and each report takes the part in its span. A
+period is placed no earlier than the time already reported and after the replica's previous
+period, and is never shorter than `busy / capacity` of its replica (a mapping error of a
+replica's clock only shifts it), so every report keeps `busy <= capacity x elapsed`, and
+once no replica is working the reported totals equal the replicas' totals exactly. Time while
+no replica is working (an update, a weight sync) is not generating time: the accounting
+restarts at the next poll.
 """
 
 from __future__ import annotations
 
 
 class PoolClock:
-    def __init__(self) -> None:
-        self.t_reported: float | None = None  # reported up to here; None: nothing in flight
-        # replica -> [start, end, busy per second] spans collected but not yet fully reported
+    def __init__(self, capacities: list[int]) -> None:
+        self.capacities = list(capacities)
+        self.t_reported: float | None = None  # reported up to here; None: none working
+        # replica -> [start, end, busy per second] periods not yet fully reported
         self._spans: dict[int, list[list[float]]] = {}
+        self._last_end: dict[int, float] = {}  # replica -> end of its last placed period
 
     def launched(self, t: float) -> None:
-        """A step was launched at `t` (driver time)."""
+        """A poll was sent at `t` (driver time)."""
         if self.t_reported is None:
             self.t_reported = t
 
-    def collected(self, replica: int, start: float, end: float, busy_slot_s: float) -> None:
-        """Replica `replica`'s step, launched at `start` and collected at `end`."""
-        if busy_slot_s <= 0:
-            return
-        span = max(end - start, 1e-12)
-        self._spans.setdefault(replica, []).append([start, end, busy_slot_s / span])
+    def delivered(self, replica: int, start: float, end: float, busy_slot_s: float) -> float:
+        """Replica `replica`'s period `[start, end]` (driver time); returns where it was
+        placed to end (the replica's next period is placed after it)."""
+        reported = start if self.t_reported is None else self.t_reported
+        floor = max(reported, self._last_end.get(replica, start))
+        s = max(start, floor)
+        length = max(end - start, busy_slot_s / self.capacities[replica], 0.0)
+        e = s + length
+        self._last_end[replica] = e
+        if busy_slot_s > 0 and length > 0:
+            self._spans.setdefault(replica, []).append([s, e, busy_slot_s / length])
+        return e
+
+    def next_floor(self, replica: int, start: float) -> float:
+        """Where replica `replica`'s next period, starting at `start`, will be placed."""
+        return max(start, self._last_end.get(replica, start))
 
     def report(self, horizon: float | None, now: float) -> tuple[float, float]:
-        """(elapsed, busy) from the last report to `horizon` (the oldest launch still in
-        flight), or to `now` when nothing is in flight (`horizon` None)."""
+        """(elapsed, busy) from the last report to `horizon`, or, when no replica is working
+        (`horizon` None), to the end of everything delivered (`now` at the earliest)."""
         if self.t_reported is None:
             return 0.0, 0.0
         t0 = self.t_reported
-        t1 = max(t0, now if horizon is None else horizon)
+        if horizon is None:
+            ends = [s[1] for spans in self._spans.values() for s in spans]
+            t1 = max([t0, now, *ends])
+        else:
+            t1 = max(t0, min(horizon, now))
         busy = 0.0
         for spans in self._spans.values():
             for span in spans:
@@ -52,7 +71,6 @@ class PoolClock:
                     busy += rate * (b - a)
             spans[:] = [s for s in spans if s[1] > t1]
         if horizon is None:
-            # Nothing in flight: every span ended by `now`, and the next launch starts anew.
             self._spans.clear()
             self.t_reported = None
         else:

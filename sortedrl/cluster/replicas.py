@@ -8,12 +8,21 @@ capacity; the lower index on a tie). The simulated engine routes the same way (o
 request starts on a free replica, the least loaded first); it also checks KV room, which a
 transformers replica does not have to.
 
-Stepping is concurrent: each replica with work has one `step` in flight. `step()` waits for
-at least one, collects every one that is ready, relaunches those and returns one merged
-report; the others stay in flight across calls. `settle()` waits for all of them, so that
-nothing runs behind the controller's back when it decides on an update (the run loop calls
-it). `abort`, `pause` and `load_weights` settle first too; what finished meanwhile is held
-and returned by the next `step()`/`settle()`. Time: see `sortedrl.cluster.pool_clock`.
+The replicas run by themselves (`sortedrl.cluster.replica_actor`): each steps its engine
+while it has work, and the driver hears from it when something finishes. Each replica with
+work has at most one `poll` in flight, which carries the requests routed to it since the last
+one and returns what finished (at the first completion, after its first step when it starts
+from idle or a hold, or after `report_s`, a heartbeat with its busy time). `step()` sends a
+poll to every working replica without one, waits for at least one, collects every one that
+is ready and returns one merged report; the others stay in flight across calls. `settle()`
+holds every replica (the step in progress completes, no other starts) and collects all it
+finished, so that nothing finishes behind the controller's back when it decides on an update
+(the run loop calls it); the next `step()` lets them go on. `abort`, `pause` and
+`load_weights` settle first too; what finished meanwhile is held and returned by the next
+`step()`/`settle()`. Time is the replicas' own: see `sortedrl.cluster.pool_clock`.
+
+`per_step=True` is the protocol before this one, kept as the control-plane benchmark's
+baseline: one engine step per poll, the engine idle while the driver turns it around.
 
 Weights: `load_weights` puts the state dict into the object store once (an `ObjectRef` is used
 as it is) and every replica loads that one object, concurrently (`weight_sync="object_store"`),
@@ -23,12 +32,14 @@ group (`weight_sync="broadcast"`: NCCL between GPUs, gloo on the CPU).
 Faults: a replica whose call raises a Ray error (the actor died, or its engine failed) is
 killed and started again in its placement bundle, loads the current weights and gets back the
 requests it held, as they were submitted (tokens it generated since were never returned, so
-never counted). The controller never sees it. At the `max_engine_failures`-th failure of one
-replica in a row the pool raises `ReplicaPoolError`.
+never counted; responses it finished and had not delivered are generated again, once). The
+controller never sees it. At the `max_engine_failures`-th failure of one replica in a row the
+pool raises `ReplicaPoolError`.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -59,9 +70,13 @@ class _Replica:
     actor: Any
     capacity: int
     held: dict[str, Request] = field(default_factory=dict)  # sent or routed, not returned
-    outbox: list[Request] = field(default_factory=list)  # routed, goes with the next step
-    step_ref: Any = None  # the step in flight
+    outbox: list[Request] = field(default_factory=list)  # routed, goes with the next poll
+    poll_ref: Any = None  # the poll in flight
     launched_at: float = 0.0
+    offset: float = 0.0  # driver clock minus the replica's
+    next_start: float | None = None  # driver time its next period starts; None: idle or held
+    live: bool = False  # polled since the last settle (it may be stepping)
+    polls_sent: int = 0  # to this actor (a settle names the last one)
     failures_in_a_row: int = 0
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -70,9 +85,10 @@ class _Replica:
 
 
 def _new_stats() -> dict[str, float]:
-    """A replica's totals; elapsed_s: its steps' wall time as the driver saw them (launch to
-    collection), so its bubble counts the calls' overhead and the scoring too."""
-    counts = dict.fromkeys(("steps", "tokens_generated", "restarts", "requests_resubmitted"), 0)
+    """A replica's totals. elapsed_s: the time it had work, by its own clock (its delivered
+    periods); busy_slot_s: its engine's; deliveries: polls and settles it answered."""
+    keys = ("steps", "tokens_generated", "restarts", "requests_resubmitted", "deliveries")
+    counts = dict.fromkeys(keys, 0)
     return {**counts, **dict.fromkeys(("elapsed_s", "busy_slot_s", "reward_s"), 0.0)}
 
 
@@ -80,10 +96,11 @@ class ReplicaPool(EngineBase):
     """Implements `sortedrl.scheduling.protocol.Engine` over Ray actor replicas.
 
     `spawn(i)` starts replica i (an `EngineReplica` actor in its placement bundle) serving the
-    weights the pool started with, as policy `version`.
+    weights the pool started with, as policy `version`. `report_s`: the longest a working
+    replica goes without reporting (completions are reported at once).
     """
 
-    steps_in_flight = True  # each replica's step stays in flight across calls
+    steps_in_flight = True  # the replicas step by themselves between calls: settle() holds them
 
     def __init__(
         self,
@@ -94,6 +111,8 @@ class ReplicaPool(EngineBase):
         max_engine_failures: int = 4,
         weight_sync: WeightSync = "object_store",
         device: str = "cpu",
+        report_s: float = 0.1,
+        per_step: bool = False,
     ) -> None:
         import ray
 
@@ -101,10 +120,13 @@ class ReplicaPool(EngineBase):
             raise ValueError(f"a replica pool needs at least one replica, got {n_replicas}")
         if weight_sync not in ("object_store", "broadcast"):
             raise ValueError(f"weight_sync: {weight_sync!r} is not object_store or broadcast")
+        if report_s <= 0:
+            raise ValueError(f"report_s: must be > 0 seconds, got {report_s}")
         self._ray = ray
         self._spawn, self.max_engine_failures = spawn, max_engine_failures
         self.weight_sync: WeightSync = weight_sync
         self.device = device
+        self.report_s, self.per_step = report_s, per_step
         self._version = version
         self._weights_ref: Any = None  # the last weights loaded (a restarted replica loads them)
         actors = [spawn(i) for i in range(n_replicas)]
@@ -113,12 +135,17 @@ class ReplicaPool(EngineBase):
             _Replica(i, a, int(c), stats=_new_stats())
             for i, (a, c) in enumerate(zip(actors, caps, strict=True))
         ]
+        for rep in self._reps:
+            rep.offset = self._offset(rep.actor)
         self._waiting: deque[Request] = deque()
         self._held_report = StepReport()  # settled by abort/pause/load_weights, not yet returned
-        self._clock = PoolClock()
+        self._clock = PoolClock([r.capacity for r in self._reps])
         self.weight_sync_s: list[float] = []
         self.restarts = 0
         self.finished_held_by_calls = 0  # see _settle_for_call
+        self.polls = 0  # polls sent (each one round trip to a replica)
+        self.settles = 0  # settle calls sent
+        self.generating_s = 0.0  # the pool's reported elapsed time
         if weight_sync == "broadcast" and n_replicas > 1:
             self._form_group()
 
@@ -144,11 +171,14 @@ class ReplicaPool(EngineBase):
         self._route()
 
     def step(self) -> StepReport:
-        """Wait for at least one replica's step (none when a settle left reports to return),
-        collect every one that is ready, relaunch them; one merged report."""
+        """Send a poll to every working replica without one, wait for at least one (none
+        when a settle left reports to return), collect every one that is ready; one merged
+        report. The collected replicas go on stepping; their next polls go with the next
+        `step()`, so they carry the requests the caller submits in between (a slot freed is
+        refilled after one turn of the driver, not after a heartbeat)."""
         self._route()
         self._launch_idle()
-        in_flight = [r.step_ref for r in self._reps if r.step_ref is not None]
+        in_flight = [r.poll_ref for r in self._reps if r.poll_ref is not None]
         if in_flight:
             wait_for = 0 if self._held_report.finished else 1
             ready, _ = self._ray.wait(in_flight, num_returns=len(in_flight), timeout=0)
@@ -156,11 +186,10 @@ class ReplicaPool(EngineBase):
                 ready, _ = self._ray.wait(in_flight, num_returns=1)
             self._collect(set(ready))
             self._route()
-            self._launch_idle()
         return self._report()
 
     def settle(self) -> StepReport:
-        """Wait for every step in flight and report them (and whatever a settle held)."""
+        """Hold every replica and report all they finished (and whatever a settle held)."""
         self._settle_all()
         return self._report()
 
@@ -246,8 +275,8 @@ class ReplicaPool(EngineBase):
         return [g for done in self._ray.get(refs) for g in done]
 
     def in_flight(self) -> int:
-        """Replica steps running now (launched, not yet collected)."""
-        return sum(r.step_ref is not None for r in self._reps)
+        """Replicas stepping now by themselves: polled since the last settle, with work."""
+        return sum(r.live and bool(r.held) for r in self._reps)
 
     def actors(self) -> list[Any]:
         """The replicas' actor handles, by index (a restarted replica's is the new one)."""
@@ -255,15 +284,23 @@ class ReplicaPool(EngineBase):
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Per replica (steps, elapsed, busy, tokens, bubble) and pool totals."""
+        """Per replica (steps, time, busy, tokens, bubble) and pool totals. A replica's
+        bubble_ratio is against the pool's generating time, as the simulated engine's
+        replicas (a replica left without work is idle); busy_bubble_ratio against its own
+        time with work."""
         per = []
         for rep in self._reps:
             s = dict(rep.stats)
-            slot_s = rep.capacity * s["elapsed_s"]
+            slot_s = rep.capacity * self.generating_s
             s["bubble_ratio"] = 1.0 - s["busy_slot_s"] / slot_s if slot_s > 0 else 0.0
+            own = rep.capacity * s["elapsed_s"]
+            s["busy_bubble_ratio"] = 1.0 - s["busy_slot_s"] / own if own > 0 else 0.0
             per.append(s)
         return {
             "replicas": per,
+            "generating_s": self.generating_s,
+            "polls": self.polls,
+            "settles": self.settles,
             "weight_sync_s": list(self.weight_sync_s),
             "weight_sync_total_s": sum(self.weight_sync_s),
             "replica_restarts": self.restarts,
@@ -285,53 +322,80 @@ class ReplicaPool(EngineBase):
 
     def _launch_idle(self) -> None:
         for rep in self._reps:
-            if rep.step_ref is None and rep.held:
+            if rep.poll_ref is None and rep.held:
                 self._launch(rep)
 
     def _launch(self, rep: _Replica) -> None:
         sent, rep.outbox = rep.outbox, []
         rep.launched_at = time.perf_counter()
-        rep.step_ref = rep.actor.step.remote(sent)
+        rep.polls_sent += 1
+        if self.per_step:
+            rep.poll_ref = rep.actor.poll.remote(sent, None, 1, rep.polls_sent)
+        else:
+            rep.poll_ref = rep.actor.poll.remote(sent, self.report_s, None, rep.polls_sent)
+        rep.live = True
+        self.polls += 1
         self._clock.launched(rep.launched_at)
 
     def _collect(self, ready: set[Any]) -> None:
-        """Take in the finished steps among `ready` (their refs)."""
+        """Take in the polls among `ready` (their refs)."""
         for rep in self._reps:
-            if rep.step_ref is None or rep.step_ref not in ready:
+            if rep.poll_ref is None or rep.poll_ref not in ready:
                 continue
-            ref, rep.step_ref = rep.step_ref, None
+            ref, rep.poll_ref = rep.poll_ref, None
             try:
-                report, unfinished, reward_s = self._ray.get(ref)
+                delivery = self._ray.get(ref)
             except self._ray.exceptions.RayError as e:
                 self._replace(rep, e)
                 continue
-            now = time.perf_counter()
-            rep.failures_in_a_row = 0
-            for g in report.finished:
-                rep.held.pop(g.request_id, None)
-            if unfinished != len(rep.held) - len(rep.outbox):
-                raise RuntimeError(
-                    f"rollout replica {rep.index} holds {unfinished} requests, the pool counts "
-                    f"{len(rep.held) - len(rep.outbox)} sent to it and not returned"
-                )
-            self._clock.collected(rep.index, rep.launched_at, now, report.busy_slot_s)
-            st = rep.stats
-            st["steps"] += 1
-            st["elapsed_s"] += now - rep.launched_at
-            st["busy_slot_s"] += report.busy_slot_s
-            st["tokens_generated"] += report.tokens_generated
-            st["reward_s"] += reward_s
-            held = self._held_report
-            held.finished += report.finished
-            held.tokens_generated += report.tokens_generated
-            held.prefill_tokens += report.prefill_tokens
+            self._take(rep, delivery)
+
+    def _take(self, rep: _Replica, d: Any) -> None:
+        """Take in replica `rep`'s delivery `d` (an `EngineReplica` `Delivery`)."""
+        rep.failures_in_a_row = 0
+        for g in d.finished:
+            rep.held.pop(g.request_id, None)
+        if d.unfinished != len(rep.held) - len(rep.outbox):
+            raise RuntimeError(
+                f"rollout replica {rep.index} holds {d.unfinished} requests, the pool counts "
+                f"{len(rep.held) - len(rep.outbox)} sent to it and not returned"
+            )
+        self._clock.delivered(rep.index, d.start + rep.offset, d.end + rep.offset, d.busy_slot_s)
+        rep.next_start = None if d.next_start is None else d.next_start + rep.offset
+        st = rep.stats
+        st["deliveries"] += 1
+        st["steps"] += d.steps
+        st["elapsed_s"] += d.end - d.start
+        st["busy_slot_s"] += d.busy_slot_s
+        st["tokens_generated"] += d.tokens_generated
+        st["reward_s"] += d.reward_s
+        held = self._held_report
+        held.finished += d.finished
+        held.tokens_generated += d.tokens_generated
+        held.prefill_tokens += d.prefill_tokens
 
     def _settle_all(self) -> None:
-        while any(r.step_ref is not None for r in self._reps):
-            refs = [r.step_ref for r in self._reps if r.step_ref is not None]
-            self._ray.wait(refs, num_returns=len(refs))
-            self._collect(set(refs))
-        # Nothing in flight now: the time up to here is accounted, what follows (an update, a
+        """Hold every replica that may be stepping and take in all it delivers. One that had
+        no work at its last delivery and got none since has nothing to step or deliver."""
+        live = [r for r in self._reps if r.live and (r.poll_ref is not None or r.held)]
+        for rep in self._reps:
+            rep.live = False
+        calls = []
+        for rep in live:
+            calls.append((rep, rep.poll_ref, rep.actor.settle.remote(rep.polls_sent)))
+            rep.poll_ref = None
+            self.settles += 1
+        for rep, poll_ref, settle_ref in calls:
+            refs = [poll_ref, settle_ref] if poll_ref is not None else [settle_ref]
+            try:
+                deliveries = self._ray.get(refs)
+            except self._ray.exceptions.RayError as e:
+                self._replace(rep, e)
+                continue
+            for d in sorted(deliveries, key=lambda d: d.seq):
+                self._take(rep, d)
+            rep.next_start = None
+        # Nothing runs now: the time up to here is accounted, what follows (an update, a
         # weight sync) is not generating time.
         self._accrue(None)
 
@@ -344,12 +408,27 @@ class ReplicaPool(EngineBase):
 
     def _accrue(self, horizon: float | None) -> None:
         elapsed, busy = self._clock.report(horizon, time.perf_counter())
+        self.generating_s += elapsed
         self._held_report.elapsed_s += elapsed
         self._held_report.busy_slot_s += busy
 
+    def _horizon(self) -> float | None:
+        """The earliest driver time from which a replica may still deliver busy time: where
+        a working replica's next period starts, or when a poll reached an idle one (not
+        before it was sent; not before now, for one whose poll is not sent yet). None: no
+        replica is working."""
+        starts = []
+        for rep in self._reps:
+            if rep.next_start is not None and (rep.poll_ref is not None or rep.held):
+                starts.append(self._clock.next_floor(rep.index, rep.next_start))
+            elif rep.poll_ref is not None:
+                starts.append(rep.launched_at)
+            elif rep.held:
+                starts.append(time.perf_counter())
+        return min(starts) if starts else None
+
     def _report(self) -> StepReport:
-        in_flight = [r.launched_at for r in self._reps if r.step_ref is not None]
-        self._accrue(min(in_flight) if in_flight else None)
+        self._accrue(self._horizon())
         report, self._held_report = self._held_report, StepReport()
         return report
 
@@ -399,15 +478,21 @@ class ReplicaPool(EngineBase):
                 f"rollout replica {rep.index} failed {rep.failures_in_a_row} time(s) in a row; "
                 f"last error: {type(error).__name__}: {error}"
             ) from error
+        print(
+            f"warning: rollout replica {rep.index} failed ({type(error).__name__}: "
+            f"{str(error)[-2000:]}); restarting it",
+            file=sys.stderr,
+        )
         ray = self._ray
         try:
             ray.kill(rep.actor)
         except Exception:  # already gone
             pass
-        rep.step_ref = None
+        rep.poll_ref, rep.next_start, rep.live, rep.polls_sent = None, None, False, 0
         rep.actor = self._spawn(rep.index)
         self.restarts += 1
         try:
+            rep.offset = self._offset(rep.actor)
             ray.get(rep.actor.load_weights.remote(self._weights_ref, self._version))
             if self.weight_sync == "broadcast" and len(self._reps) > 1:
                 self._form_group()
@@ -417,6 +502,23 @@ class ReplicaPool(EngineBase):
         rep.outbox = list(rep.held.values())  # as submitted, in the order they were routed
         rep.stats["restarts"] += 1
         rep.stats["requests_resubmitted"] += len(rep.outbox)
+
+    def _offset(self, actor: Any) -> float:
+        """The driver's clock minus `actor`'s: 0 on this node (`time.perf_counter` is the
+        machine's monotonic clock), else measured from the quickest of three round trips."""
+        ray = self._ray
+        here = ray.get_runtime_context().get_node_id()
+        best: tuple[float, float] | None = None
+        for _ in range(3):
+            t0 = time.perf_counter()
+            node, theirs = ray.get(actor.clock.remote())
+            t1 = time.perf_counter()
+            if node == here:
+                return 0.0
+            if best is None or t1 - t0 < best[0]:
+                best = (t1 - t0, (t0 + t1) / 2 - theirs)
+        assert best is not None
+        return best[1]
 
     # --- the broadcast path -------------------------------------------------------------------
 
@@ -479,7 +581,8 @@ def replica_spawner(
 
     from sortedrl.cluster.replica_actor import EngineReplica
 
-    actor_cls = ray.remote(EngineReplica)
+    # Two threads: a settle (or a test's look) is answered while a poll waits.
+    actor_cls = ray.remote(max_concurrency=2)(EngineReplica)
     refs = [ray.put(x) for x in (cfg, model, tokenizer, problems_by_id)]
 
     def spawn(i: int) -> Any:
@@ -512,4 +615,5 @@ def build_replica_pool(
         max_engine_failures=cfg.max_engine_failures,
         weight_sync="broadcast" if gpu and n > 1 else "object_store",
         device=cfg.model.device,
+        report_s=cfg.cluster.replica_report_s,
     )

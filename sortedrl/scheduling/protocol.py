@@ -12,8 +12,9 @@ simulated million-response run does not store a list per token.
 Optional engine methods, used when present (checkpoints): `rng_state()` returns the sampling
 RNG's state and `set_rng_state(state)` restores it, so a resumed run samples the same tokens.
 `settle() -> StepReport`, for an engine that keeps steps running between calls (the Ray replica
-pool): wait for every step in flight and report it like `step` does, so that nothing runs
-behind the controller's back; the run loop calls it before the controller decides on an update.
+pool, whose replicas step by themselves): stop them after the step in progress and report it
+like `step` does, so that nothing runs behind the controller's back; the run loop calls it
+before the controller decides on an update.
 """
 
 from __future__ import annotations
