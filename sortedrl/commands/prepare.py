@@ -261,7 +261,14 @@ def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None, bool]:
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"warm_start_steps": 0})})
     model, tokenizer = prepare_model(cfg, None if cfg.model.path else build_task(cfg.task))
     try:
-        load_model(model, str(loaded.weights))
+        if loaded.weights is not None:
+            load_model(model, str(loaded.weights))
+        else:  # a checkpoint of trainer ranks: the weights are in their shards
+            from sortedrl.cluster.trainers import tied_aliases
+            from sortedrl.training.distributed import load_checkpoint_weights
+
+            assert loaded.trainer_dcp is not None  # load_checkpoint: one or the other
+            load_checkpoint_weights(model, loaded.trainer_dcp, tied_aliases(model))
     except (RuntimeError, ValueError, OSError) as e:
         raise ConfigError(f"{ckpt}: its weights do not fit the run's model ({e})") from None
     return model.eval(), tokenizer, loaded.step, not cfg.model.path
