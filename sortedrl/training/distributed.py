@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -290,6 +291,9 @@ def load_checkpoint_weights(model: nn.Module, path: Path, skip: set[str]) -> Non
         with warnings.catch_warnings():  # one process is the intent: torch warns it assumes so
             warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except Exception as e:  # torch raises its own error types for a missing or damaged key
+    except CheckpointException as e:  # a BaseException: each rank's error (here one) inside
+        why = "; ".join(str(exc) for exc, _ in e.failures.values())
+        raise ValueError(f"{path}: the model's weights do not load ({why[:300]})") from None
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. no .metadata, a damaged file
         raise ValueError(f"{path}: the model's weights do not load ({str(e)[:300]})") from None
     model.load_state_dict(state["model"], strict=False)
