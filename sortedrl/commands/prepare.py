@@ -119,8 +119,10 @@ def _load_hf_model(p: Path) -> tuple[Any, Any]:
             raise no_tokenizer from None
         raise ConfigError(f"model.path: cannot load the tokenizer of {p}: {e}") from None
     # Without its files transformers may still build a tokenizer of the model's class, with an
-    # empty vocabulary: it encodes every prompt to nothing.
-    if len(tokenizer) < 2 or not tokenizer("1 + 1 = 2", add_special_tokens=False)["input_ids"]:
+    # empty vocabulary: it encodes every prompt to nothing. The probe has letters and digits,
+    # since a task's own vocabulary may have only one kind (the reverse task's: letters).
+    probe = "reverse 1 + 1 = 2"
+    if len(tokenizer) < 2 or not tokenizer(probe, add_special_tokens=False)["input_ids"]:
         raise no_tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
