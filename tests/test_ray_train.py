@@ -64,17 +64,14 @@ def test_two_replicas_and_two_ranks_train_and_counts_balance(
     assert ckpts and (ckpts[-1] / "trainer_dcp" / ".metadata").is_file()
     # the ranks' shards are the checkpoint's weights: the driver wrote no copy of its own
     assert not any((c / "model.safetensors").exists() for c in ckpts)
-    # the ranks wrote the final model; it loads in transformers with the last checkpoint's
-    # weights (read from the shards in this one process)
+    # the ranks wrote the final model; it loads in transformers with the weights of the last
+    # checkpoint, as `sortedrl eval --checkpoint` reads them (from the shards, in one process)
     from transformers import AutoModelForCausalLM
 
-    from sortedrl.training.distributed import load_checkpoint_weights
+    from sortedrl.commands.prepare import checkpoint_model
 
     final = AutoModelForCausalLM.from_pretrained(out / "model")
-    want = AutoModelForCausalLM.from_pretrained(out / "model")
-    for p in want.parameters():
-        p.data.zero_()
-    load_checkpoint_weights(want, ckpts[-1] / "trainer_dcp", set())
+    want = checkpoint_model(ckpts[-1])[0]
     got, ref = final.state_dict(), want.state_dict()
     assert got.keys() == ref.keys() and all(got[k].equal(ref[k]) for k in got)
     assert not ray_local.util.placement_group_table() or all(
