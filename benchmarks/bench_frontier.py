@@ -29,10 +29,10 @@ from typing import Any
 
 from sortedrl.engines.costmodel import get_preset
 from sortedrl.sim.simulate import SimSettings, build_workload, run_policy
+from sortedrl.sim.sweep import FIXED, KEYS  # fixed R = k U; the summary keys compared
 
 PRESET = "llama3.1-8b-h100"
 UPDATE_BATCH = 64
-FIXED = (2, 3, 4, 5, 6)  # fixed R = k U
 TUNING, HELD_OUT = "tuning", "held-out"
 
 
@@ -76,15 +76,6 @@ FAMILIES: dict[str, tuple[str, str, str | None]] = {
     # another preset's own default: 2 nodes of H100, Qwen 2.5 32B (tp 4)
     "qwen32b-default": (HELD_OUT, "qwen2.5-32b-h100", None),
 }
-
-KEYS = (
-    "bubble_ratio",
-    "goodput_tokens_per_s",
-    "wasted_token_share",
-    "max_staleness_trained",
-    "mean_staleness_trained",
-    "wall_time_s",
-)
 
 
 def settings_of(u: int) -> list[tuple[str, str, dict[str, Any]]]:

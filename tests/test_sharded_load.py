@@ -28,6 +28,7 @@ from sortedrl.training.distributed import (  # noqa: E402
 )
 from sortedrl.training.sharded_load import load_sharded, parameters_on_meta  # noqa: E402
 from tests.grpo_batches import make_batch  # noqa: E402
+from tests.tiny_llama import tiny_llama  # noqa: E402
 
 WORLD = 2
 CONFIG = TrainerConfig(lr=1e-3, adam_eps=1e-6, mini_batches=2, kl_coef=0.1)
@@ -50,21 +51,7 @@ def qwen2_tied(seed: int):
     return transformers.Qwen2ForCausalLM(cfg)
 
 
-def llama_untied(seed: int):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-MODELS = {"qwen2_tied": qwen2_tied, "llama_untied": llama_untied}
+MODELS = {"qwen2_tied": qwen2_tied, "llama_untied": tiny_llama}  # tiny_llama: untied
 
 
 def rank_main(rank: int, port: int, root: str) -> None:
