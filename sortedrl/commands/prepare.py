@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sortedrl.config import TrainConfig
+from sortedrl.config import TrainConfig, saved_config
 from sortedrl.errors import ConfigError
 from sortedrl.scheduling.state import PromptSpec
 from sortedrl.tasks.base import Problem
@@ -256,7 +256,7 @@ def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None, bool]:
     loaded = load_checkpoint(ckpt)
     settings = loaded.run.get("settings") if isinstance(loaded.run, dict) else None
     try:
-        cfg = TrainConfig.model_validate(settings)
+        cfg = saved_config(settings)
     except Exception as e:
         raise ConfigError(f"{ckpt}/run.json: the run's settings do not load ({e})") from None
     # The weights come from the checkpoint: the embedded model needs no warm start here.
