@@ -165,6 +165,15 @@ def _trl_hints(e: ValidationError) -> list[str]:
     return hints
 
 
+def saved_config(settings: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of a run from the settings it saved (run.json's `settings`, a dump of
+    every field): the scheduler section is read back through `SchedulerConfig.from_saved`."""
+    doc = dict(settings)
+    if isinstance(doc.get("scheduler"), dict):
+        doc["scheduler"] = SchedulerConfig.from_saved(doc["scheduler"])
+    return TrainConfig.model_validate(doc)
+
+
 def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     doc: dict[str, Any] = {}
     where = "command line"

@@ -230,3 +230,35 @@ def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused(tmp_path):
     (ck / "MANIFEST.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="leaves the checkpoint"):
         load_checkpoint(ck)
+
+
+def test_a_sharded_trainer_part_alone_holds_the_weights_and_a_checkpoint_without_them_fails(
+    tmp_path,
+):
+    def save(root, part):
+        return save_checkpoint(
+            root,
+            1,
+            model=None,  # the trainer ranks' shards hold the weights
+            trainer_state={"trainer": None, "rng": torch.get_rng_state()},
+            controller_state={"format": 3},
+            run_state={},
+            keep=2,
+            trainer_part=part,
+        )
+
+    ck = save(tmp_path / "ck", _write_shards)
+    assert not (ck / "model.safetensors").exists()
+    loaded = load_checkpoint(ck)
+    assert loaded.weights is None and loaded.trainer_dcp == ck / "trainer_dcp"
+    (ck / "trainer_dcp" / ".metadata").unlink()  # the shards are verified like any file
+    with pytest.raises(CheckpointError, match=r"trainer_dcp/\.metadata: missing"):
+        load_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="no weights: no model given"):
+        save(tmp_path / "none", lambda folder: None)
+    assert complete_checkpoints(tmp_path / "none") == []
+    # a checkpoint of the local backend still needs its model.safetensors
+    plain = _save(tmp_path / "plain", 1)
+    (plain / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: missing"):
+        load_checkpoint(plain)

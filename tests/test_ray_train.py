@@ -62,6 +62,21 @@ def test_two_replicas_and_two_ranks_train_and_counts_balance(
     assert all(line["train/weights_gather_s"] >= 0 for line in lines)
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert ckpts and (ckpts[-1] / "trainer_dcp" / ".metadata").is_file()
+    # the ranks' shards are the checkpoint's weights: the driver wrote no copy of its own
+    assert not any((c / "model.safetensors").exists() for c in ckpts)
+    # the ranks wrote the final model; it loads in transformers with the weights of the last
+    # checkpoint, read from its shards in this one process
+    from transformers import AutoModelForCausalLM
+
+    from sortedrl.training.distributed import load_checkpoint_weights
+
+    final = AutoModelForCausalLM.from_pretrained(out / "model")
+    want = AutoModelForCausalLM.from_pretrained(out / "model")
+    for p in want.parameters():
+        p.data.zero_()
+    load_checkpoint_weights(want, ckpts[-1] / "trainer_dcp", set())
+    got, ref = final.state_dict(), want.state_dict()
+    assert got.keys() == ref.keys() and all(got[k].equal(ref[k]) for k in got)
     assert not ray_local.util.placement_group_table() or all(
         pg["state"] == "REMOVED" for pg in ray_local.util.placement_group_table().values()
     )

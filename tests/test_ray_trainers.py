@@ -14,8 +14,9 @@ pytest.importorskip("ray")
 
 from sortedrl.cluster.config import ClusterConfig  # noqa: E402
 from sortedrl.cluster.placement import Placement  # noqa: E402
-from sortedrl.cluster.trainers import RayTrainerGroup, TrainerRankDied  # noqa: E402
+from sortedrl.cluster.trainers import RayTrainerGroup, TrainerRankDied, tied_aliases  # noqa: E402
 from sortedrl.config import TrainConfig  # noqa: E402
+from sortedrl.training.distributed import load_checkpoint_weights  # noqa: E402
 from sortedrl.training.trainer import GRPOTrainer  # noqa: E402
 from tests.grpo_batches import make_batch  # noqa: E402
 from tests.tiny_llama import tiny_llama  # noqa: E402
@@ -109,6 +110,10 @@ def test_a_group_loaded_from_a_checkpoint_makes_the_next_update_of_the_saved_one
     saved.pull_weights()
     after_first = weights_of(driver)
     want = saved.update(make_batch(1))
+    # the shards alone give the weights to one process (`sortedrl evaluate` on a checkpoint)
+    alone = tiny_llama(2)
+    load_checkpoint_weights(alone, tmp_path / "trainer", tied_aliases(alone))
+    assert max_diff(weights_of(alone), after_first) == 0
 
     # a group of another size: the sharded checkpoint is resharded on load
     fresh = tiny_llama(1)
@@ -119,6 +124,45 @@ def test_a_group_loaded_from_a_checkpoint_makes_the_next_update_of_the_saved_one
     # same optimizer moments, schedule, step count and mini-batch split: the same update
     assert got.stats["step"] == want.stats["step"] == 4
     assert max_diff(ray.get(got.weights), ray.get(want.weights)) < 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_ranks_export_a_model_directory_that_transformers_loads_with_the_trained_weights(
+    groups, tmp_path, tied
+):
+    import json
+
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    driver = tiny_llama(0)
+    if tied:  # the lm_head is the embedding: written once, under its first name
+        driver.config.tie_word_embeddings = True
+        driver = type(driver)(driver.config)
+    initial = weights_of(driver)
+    group = groups.new(2, driver)
+    got = group.update(make_batch(0))
+    trained = ray.get(got.weights)
+    total = sum(w.numel() * w.element_size() for w in trained.values())
+    out = tmp_path / "model"
+    group.export_pretrained(str(out), shard_bytes=total // 3)  # several files and an index
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) >= 3 and all((out / f).is_file() for f in files)
+    assert set(index["weight_map"]) == set(trained)
+    assert max_diff(weights_of(driver), initial) == 0  # the driver's model was never read
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded) is type(driver)
+    assert tied_aliases(loaded) == tied_aliases(driver) == ({"lm_head.weight"} if tied else set())
+    weights = {k: v for k, v in weights_of(loaded).items() if k not in tied_aliases(loaded)}
+    assert max_diff(weights, trained) == 0  # bit for bit
+
+    one = tmp_path / "one"
+    group.export_pretrained(str(one))  # the default shard size: a single file
+    assert (one / "model.safetensors").is_file()
+    assert not (one / "model.safetensors.index.json").exists()
+    weights = weights_of(AutoModelForCausalLM.from_pretrained(one))
+    assert max_diff({k: v for k, v in weights.items() if k in trained}, trained) == 0
 
 
 def test_a_killed_rank_stops_the_group_with_a_message_saying_how_to_resume(groups):

@@ -102,3 +102,25 @@ def test_update_pacing_is_on_for_sorted_and_recorded_off_for_the_others():
         assert cfg.model_dump(mode="json")["scheduler"]["update_pacing"] is False
     with pytest.raises(ConfigError, match="update_pacing is set, but policy sync ignores it"):
         load_config(None, ["scheduler.policy=sync", "scheduler.update_pacing=false"])
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        {"policy": "sync"},
+        {"policy": "sorted"},
+        {"policy": "sorted", "cache": "drop", "rollout_batch": 48},
+        {"policy": "partial", "rollout_batch": 40},
+        {"policy": "async"},
+        {"policy": "async", "max_staleness": 1},
+        {"policy": "sorted", "update_pacing": False, "submit_order": "longest_predicted"},
+    ],
+)
+def test_the_settings_a_run_saved_load_back_as_the_same_config(scheduler):
+    # run.json records every field of the config (model_dump); `sortedrl eval --checkpoint`
+    # reads them back. A dump sets fields the policy ignores, which a config written by hand
+    # may not set, so the saved scheduler section is read back through `from_saved`.
+    from sortedrl.config import TrainConfig, saved_config
+
+    cfg = TrainConfig.model_validate({"scheduler": scheduler})
+    assert saved_config(cfg.model_dump(mode="json")) == cfg

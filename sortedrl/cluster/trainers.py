@@ -13,12 +13,17 @@ Weights after an update: rank 0 gathers them and puts them into the object store
 driver gets only the reference (`UpdateResult.weights` is an `ObjectRef`) and hands it on to
 the replicas, so the weights make one trip, rank 0 -> object store -> each replica, and never
 pass through the driver. The driver's own model is brought up to date from the last reference
-only when something in the driver reads it (`pull_weights`: evaluation, checkpoints, the final
-export). `stats["weight_bytes"]` is the size of that object.
+only when something in the driver reads it (`pull_weights`: evaluation on vLLM replicas,
+which runs in the driver). `stats["weight_bytes"]` is the size of that object.
+
+Neither checkpoints nor the final model need the driver's copy: a checkpoint's weights are the
+ranks' own shards (`save_checkpoint`, torch.distributed.checkpoint, each rank writing its part;
+no `model.safetensors`), and the final Hugging Face directory is written by the ranks one
+tensor at a time (`export_pretrained`, `sortedrl.training.hf_export`).
 
 A rank that dies cannot be replaced within a torch.distributed group: the group kills the
-others and raises `TrainerRankDied`, and the run goes on from its last checkpoint
-(`save_checkpoint`: sharded, each rank writing its part) with `--resume auto`.
+others and raises `TrainerRankDied`, and the run goes on from its last checkpoint with
+`--resume auto`.
 
 Only the CPU path (gloo) has run here; the NCCL path is written but has not been run.
 """
@@ -132,6 +137,15 @@ class TrainerRank:
     def save(self, path: str) -> None:
         self.trainer.save(Path(path))
 
+    def export(self, path: str, shard_bytes: int | None) -> None:
+        """This rank's part in writing the model's weights as safetensors files into `path`
+        (rank 0 writes; each tensor is gathered on its own)."""
+        skip = tied_aliases(self.trainer.model)
+        if shard_bytes is None:
+            self.trainer.export(Path(path), skip)
+        else:
+            self.trainer.export(Path(path), skip, shard_bytes)
+
     def load(self, path: str) -> dict[str, Tensor] | None:
         """Restore a checkpoint; rank 0 returns the full weights for the driver's model."""
         self.trainer.load(Path(path))
@@ -156,6 +170,8 @@ class RayTrainerGroup:
     """
 
     virtual_time = False
+    #: `save_checkpoint`'s shards hold the model's weights: a checkpoint needs no other copy
+    checkpoint_holds_weights = True
 
     def __init__(self, cfg: RunSettings, model: nn.Module, placement: Placement) -> None:
         import ray
@@ -217,6 +233,23 @@ class RayTrainerGroup:
         nodes `folder` must be on storage they share). Nothing goes into `trainer.pt`."""
         Path(folder).mkdir(parents=True, exist_ok=True)
         self._call("save", str(folder))
+
+    def export_pretrained(self, path: str, shard_bytes: int | None = None) -> None:
+        """Write the trained model as a Hugging Face model directory: the ranks write the
+        weights (gathered one tensor at a time, rank 0 writing safetensors files of at most
+        `shard_bytes`, `sortedrl.training.hf_export.SHARD_BYTES` by default), the driver only
+        the config (and generation config). The driver's model is not brought up to date: its
+        weights are not read. On several nodes `path` must be on storage rank 0 shares with
+        the driver."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self._call("export", str(path), shard_bytes)
+        config = self.model.config
+        if not getattr(config, "architectures", None):
+            config.architectures = [type(self.model).__name__]
+        config.save_pretrained(path)
+        generation = getattr(self.model, "generation_config", None)
+        if generation is not None and self.model.can_generate():
+            generation.save_pretrained(path)
 
     def load_checkpoint(self, folder: str | None, state: dict[str, Any] | None) -> None:
         """Restore what `save_checkpoint` wrote, resharded to this group's size, and the

@@ -2,14 +2,15 @@
 
 A checkpoint is a directory `step-00000040/` under the run's `checkpoints/`:
 
-    model.safetensors   policy weights
+    model.safetensors   policy weights (not with trainer_dcp/, whose shards hold them)
     trainer.pt          optimizer, LR schedule, step counters and every RNG state: tensors and
                         plain containers only, loaded with `torch.load(weights_only=True)`
     controller.json     the controller and rollout buffer (cached partial responses included)
     run.json            the run's own position: metrics lines written, history, evaluations
     trainer_dcp/        with trainer ranks in Ray actors: the model, optimizer and schedule,
                         sharded (torch.distributed.checkpoint, each rank its own part); then
-                        trainer.pt holds only the RNG states
+                        trainer.pt holds only the RNG states, and there is no
+                        model.safetensors (the driver holds no weights to write)
     MANIFEST.json       written last: every file's size and SHA-256
 
 It is written into a temporary directory, each file flushed to disk, then renamed into place,
@@ -31,7 +32,8 @@ from typing import Any
 
 from sortedrl.errors import SortedRLError
 
-FILES = ("model.safetensors", "trainer.pt", "controller.json", "run.json")
+WEIGHTS = "model.safetensors"
+FILES = ("trainer.pt", "controller.json", "run.json")  # in every checkpoint
 SHARDED = "trainer_dcp"  # the folder a sharded trainer writes its part into
 MANIFEST = "MANIFEST.json"
 PREFIX = "step-"
@@ -47,7 +49,7 @@ class Checkpoint:
 
     path: Path
     step: int | None
-    weights: Path  # model.safetensors: load with safetensors.torch.load_model
+    weights: Path | None  # model.safetensors (safetensors.torch.load_model); None: trainer_dcp
     trainer_state: dict[str, Any]  # trainer.pt: "trainer" (the trainer's part or None), "rng"
     controller: dict[str, Any]  # controller.json
     run: dict[str, Any]  # run.json
@@ -81,7 +83,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     *,
-    model: Any,
+    model: Any | None,
     trainer_state: dict[str, Any],
     controller_state: dict[str, Any],
     run_state: dict[str, Any],
@@ -99,7 +101,9 @@ def save_checkpoint(
     `trainer_part(folder)`, when given, is the trainer's part (`CheckpointedTrainer.
     save_checkpoint`): what it returns goes into `trainer.pt` under "trainer"; a sharded trainer
     writes into `folder` (`trainer_dcp/`, every rank its part) instead, and those files are in
-    the manifest like the others."""
+    the manifest like the others. `model` None: the weights are in the trainer's sharded
+    part alone, and no `model.safetensors` is written; a trainer that writes no folder then
+    is an error (the checkpoint would hold no weights)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
@@ -145,7 +149,8 @@ def _write_files(
     from safetensors.torch import save_model
 
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if model is not None:
+        save_model(model, str(tmp / WEIGHTS))
     # Fault-injection tests widen the window in which a kill lands mid-write.
     pause = float(os.environ.get("SORTEDRL_TEST_CHECKPOINT_PAUSE_S", "0") or 0)
     if pause > 0:
@@ -155,7 +160,9 @@ def _write_files(
     torch.save(trainer_state, tmp / "trainer.pt")
     _write_json(tmp / "controller.json", controller_state)
     _write_json(tmp / "run.json", run_state)
-    names = list(FILES)
+    names = list(FILES) if model is None else [WEIGHTS, *FILES]
+    if model is None and not (tmp / SHARDED).is_dir():
+        raise ValueError(f"no weights: no model given and the trainer wrote no {SHARDED}/")
     if (tmp / SHARDED).is_dir():
         names += sorted(str(p.relative_to(tmp)) for p in (tmp / SHARDED).rglob("*") if p.is_file())
     for name in names:
@@ -199,7 +206,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({e})") from None
     if not isinstance(files, dict):
         raise CheckpointError(f"{path / MANIFEST}: unreadable manifest (no file list)")
-    for name in sorted(set(FILES) | set(files)):
+    sharded = any(isinstance(n, str) and n.startswith(SHARDED + "/") for n in files)
+    required = set(FILES) if sharded else {WEIGHTS, *FILES}
+    for name in sorted(required | set(files)):
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise CheckpointError(f"{path / MANIFEST}: file name {name!r} leaves the checkpoint")
         f = path / name
@@ -211,9 +220,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            if not list(f.keys()):
-                raise ValueError("no tensors")
+        if WEIGHTS in files:
+            with safe_open(str(path / WEIGHTS), framework="pt") as f:
+                if not list(f.keys()):
+                    raise ValueError("no tensors")
         trainer_state = torch.load(path / "trainer.pt", weights_only=True)
         controller_state = json.loads((path / "controller.json").read_text(encoding="utf-8"))
         run_state = json.loads((path / "run.json").read_text(encoding="utf-8"))
@@ -222,11 +232,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(
         path=path,
         step=manifest.get("step"),
-        weights=path / "model.safetensors",
+        weights=path / WEIGHTS if WEIGHTS in files else None,
         trainer_state=trainer_state,
         controller=controller_state,
         run=run_state,
-        trainer_dcp=path / SHARDED if any(n.startswith(SHARDED + "/") for n in files) else None,
+        trainer_dcp=path / SHARDED if sharded else None,
     )
 
 

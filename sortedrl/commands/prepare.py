@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sortedrl.config import TrainConfig
+from sortedrl.config import TrainConfig, saved_config
 from sortedrl.errors import ConfigError
 from sortedrl.scheduling.state import PromptSpec
 from sortedrl.tasks.base import Problem
@@ -119,8 +119,10 @@ def _load_hf_model(p: Path) -> tuple[Any, Any]:
             raise no_tokenizer from None
         raise ConfigError(f"model.path: cannot load the tokenizer of {p}: {e}") from None
     # Without its files transformers may still build a tokenizer of the model's class, with an
-    # empty vocabulary: it encodes every prompt to nothing.
-    if len(tokenizer) < 2 or not tokenizer("1 + 1 = 2", add_special_tokens=False)["input_ids"]:
+    # empty vocabulary: it encodes every prompt to nothing. The probe has letters and digits,
+    # since a task's own vocabulary may have only one kind (the reverse task's: letters).
+    probe = "reverse 1 + 1 = 2"
+    if len(tokenizer) < 2 or not tokenizer(probe, add_special_tokens=False)["input_ids"]:
         raise no_tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
@@ -254,14 +256,21 @@ def checkpoint_model(ckpt: Path) -> tuple[Any, Any, int | None, bool]:
     loaded = load_checkpoint(ckpt)
     settings = loaded.run.get("settings") if isinstance(loaded.run, dict) else None
     try:
-        cfg = TrainConfig.model_validate(settings)
+        cfg = saved_config(settings)
     except Exception as e:
         raise ConfigError(f"{ckpt}/run.json: the run's settings do not load ({e})") from None
     # The weights come from the checkpoint: the embedded model needs no warm start here.
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"warm_start_steps": 0})})
     model, tokenizer = prepare_model(cfg, None if cfg.model.path else build_task(cfg.task))
     try:
-        load_model(model, str(loaded.weights))
+        if loaded.weights is not None:
+            load_model(model, str(loaded.weights))
+        else:  # a checkpoint of trainer ranks: the weights are in their shards
+            from sortedrl.cluster.trainers import tied_aliases
+            from sortedrl.training.distributed import load_checkpoint_weights
+
+            assert loaded.trainer_dcp is not None  # load_checkpoint: one or the other
+            load_checkpoint_weights(model, loaded.trainer_dcp, tied_aliases(model))
     except (RuntimeError, ValueError, OSError) as e:
         raise ConfigError(f"{ckpt}: its weights do not fit the run's model ({e})") from None
     return model.eval(), tokenizer, loaded.step, not cfg.model.path

@@ -190,11 +190,15 @@ class Run:
         self.state.scores = [_score_row(k, v) for k, v in self.scores.items()]
         saved_clock = self.state.clock
         doc = self.state.model_copy(update={"clock": saved_clock.plus(self.clock)}).to_json()
-        self.pull_weights()  # the checkpoint's weights are the driver's model's
+        # Trainer ranks whose shards hold the weights: the driver's model is not written (nor
+        # brought up to date for it); else the checkpoint's weights are the driver's model's.
+        sharded = getattr(self.trainer, "checkpoint_holds_weights", False)
+        if not sharded:
+            self.pull_weights()
         return save_checkpoint(
             self.ckpt_root,
             step,
-            model=self.model,
+            model=None if sharded else self.model,
             trainer_state={"trainer": None, "rng": rng},  # "trainer": the trainer's own part
             trainer_part=lambda folder: self.trainer.save_checkpoint(str(folder)),
             controller_state=self.controller.state_dict(),
@@ -279,13 +283,17 @@ class Run:
     def finish(self, out: Path, result: RunResult) -> dict[str, Any]:
         """After the loop: evaluate, save the model, draw the report; returns the evaluation."""
         self.model.eval()
-        eval_after = self.evaluate()  # pulls the last weights into `model` first
+        eval_after = self.evaluate()  # on the driver's model: pulls the last weights first
         steps = len(self.state.history)
         if not self.state.evals or self.state.evals[-1]["step"] != steps:
             self.state.evals.append({"step": steps, **eval_after})
         assert self.state.eval_before is not None
         self.logger.evals(self.state.eval_before, eval_after, steps)
-        self.model.save_pretrained(out / "model", safe_serialization=True)
+        export = getattr(self.trainer, "export_pretrained", None)
+        if export is not None:  # the trainer ranks write it, a tensor at a time
+            export(str(out / "model"))
+        else:
+            self.model.save_pretrained(out / "model", safe_serialization=True)
         self.tokenizer.save_pretrained(out / "model")
         self.logger.report(
             out / "report.png",

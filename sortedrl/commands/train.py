@@ -274,8 +274,13 @@ def resumed_state(cfg: TrainConfig, resumed: Checkpoint) -> RunState:
 
 
 def load_weights(model: Any, resumed: Checkpoint) -> None:
+    """The checkpoint's weights into the driver's `model`; none for a checkpoint of trainer
+    ranks, whose shards hold them: the ranks restore those (`start_controller`) and hand the
+    driver the weights it needs."""
     from safetensors.torch import load_model
 
+    if resumed.weights is None:
+        return
     try:
         load_model(model, str(resumed.weights))
     except (RuntimeError, ValueError, OSError) as e:

@@ -162,6 +162,24 @@ class SchedulerConfig(BaseModel):
         ignored = ignored_settings(policy, cache)
         return cls(policy=policy, **{k: v for k, v in settings.items() if k not in ignored})
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, object]) -> SchedulerConfig:
+        """The config that `saved` (its `model_dump`, as a run's run.json records it) came
+        from. A dump holds every field, also those the policy ignores, which the validator
+        refuses once set; so only the fields the policy reads and that differ from their
+        defaults are set again (the validator derives the rest as it did the first time)."""
+        fields = cls.model_fields
+        policy = str(saved.get("policy", fields["policy"].default))
+        cache = str(saved.get("cache", fields["cache"].default))
+        ignored = ignored_settings(policy, cache)
+        return cls(
+            **{
+                k: v
+                for k, v in saved.items()
+                if k not in ignored and (k not in fields or v != fields[k].default)
+            }
+        )
+
     @property
     def paces_updates(self) -> bool:
         """Whether updates are paced: `update_pacing` is read by `sorted` only."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,6 +50,7 @@ from torch.distributed.tensor import DTensor
 
 from sortedrl.scheduling.protocol import UpdateBatch, UpdateResult
 from sortedrl.training.config import TrainerConfig
+from sortedrl.training.hf_export import SHARD_BYTES, export_weights
 from sortedrl.training.loss import TOKEN_MAXES, TOKEN_SUMS, LossOutput
 from sortedrl.training.packing import Row
 from sortedrl.training.parallel import DataParallel, token_shares
@@ -264,6 +267,11 @@ class FSDPTrainer:
         but Adam's step count is 1 from then on)."""
         dcp.save(self._state(), checkpoint_id=str(path))
 
+    def export(self, path: Path, skip: set[str], shard_bytes: int = SHARD_BYTES) -> None:
+        """Write the model's weights as a Hugging Face model directory's safetensors files,
+        gathered one tensor at a time; rank 0 writes (`sortedrl.training.hf_export`)."""
+        export_weights(self.model, path, writer=self.rank == 0, skip=skip, shard_bytes=shard_bytes)
+
     def load(self, path: Path) -> None:
         """Restore what `save` wrote, resharded to this group (its size may differ)."""
         state = self._state()
@@ -271,3 +279,21 @@ class FSDPTrainer:
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.trainer.optimizer, state["optimizer"])
         self.trainer.load_progress_state(state["progress"])
+
+
+def load_checkpoint_weights(model: nn.Module, path: Path, skip: set[str]) -> None:
+    """Fill the whole (unsharded) `model` in this one process with the weights an
+    `FSDPTrainer.save` wrote into `path`, leaving the optimizer's part unread. `skip`: names
+    tied to another (they are filled through it). Raises ValueError naming what is missing."""
+    wanted = {k: v for k, v in model.state_dict().items() if k not in skip}
+    state = {"model": wanted}
+    try:
+        with warnings.catch_warnings():  # one process is the intent: torch warns it assumes so
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # a BaseException: each rank's error (here one) inside
+        why = "; ".join(str(exc) for exc, _ in e.failures.values())
+        raise ValueError(f"{path}: the model's weights do not load ({why[:300]})") from None
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. no .metadata, a damaged file
+        raise ValueError(f"{path}: the model's weights do not load ({str(e)[:300]})") from None
+    model.load_state_dict(state["model"], strict=False)
