@@ -11,7 +11,8 @@ Two protocols in the same run, each on fresh actors:
 - `per_step`: one Ray call per engine step, the replica idle while the driver turns it around
   (the pool before replicas ran by themselves);
 - `free`: the replicas step by themselves and the driver hears completions, and a heartbeat
-  every `--report-s` from a replica with nothing finished.
+  every `--report-s` from a replica with nothing finished; with `--backlog` N each replica
+  also holds N requests beyond its slots and starts them itself as slots free up.
 
 Printed for each replica count and protocol: the driver's CPU seconds per thousand
 completions (`time.process_time` of this process, Ray's threads in it included), Ray calls
@@ -139,7 +140,7 @@ def drive(pool: ReplicaPool, cap: int, completions: int, max_s: float, tag: str)
     polls0 = pool.polls + pool.settles
     cpu0, t0 = time.process_time(), time.perf_counter()
     while done < completions and time.perf_counter() - t0 < max_s:
-        free = pool.capacity - pool.num_unfinished()
+        free = pool.capacity + pool.submit_ahead - pool.num_unfinished()
         if free > 0:
             pool.submit([next(source) for _ in range(free)])
         report = pool.step()
@@ -172,6 +173,8 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=60.0, help="per protocol and count")
     ap.add_argument("--report-s", type=float, default=0.1, help="heartbeat of the free protocol")
     ap.add_argument("--replica-cpus", type=float, default=0.05)
+    ap.add_argument("--backlog", type=int, default=0, help="requests per replica beyond its "
+                    "slots in the free protocol (cluster.replica_backlog)")  # fmt: skip
     ap.add_argument("--keep-up", type=float, default=0.05, help="bubble points allowed")
     args = ap.parse_args()
     import ray
@@ -205,6 +208,7 @@ def main() -> None:
                     0,
                     report_s=args.report_s,
                     per_step=proto == "per_step",
+                    backlog=args.backlog if proto == "free" else 0,
                 )
                 r = drive(pool, args.cap, total, args.max_seconds, f"{proto}{n}-")
                 pool.close()

@@ -365,3 +365,51 @@ def test_the_loop_settles_an_engine_before_an_update_and_trains_what_it_reports(
     assert engine.settled_ids and all(rid in scored for rid in engine.settled_ids)
     trained = {s.reward for b in trainer.batches for g in b.groups for s in g.samples}
     assert {scored[rid] for rid in engine.settled_ids} <= trained
+
+
+@pytest.mark.parametrize("admission", ["fill", "round"])
+def test_requests_handed_out_ahead_follow_the_ones_for_free_slots(admission):
+    cfg = SchedulerConfig(
+        policy="sorted", group_size=2, rollout_batch=4, update_batch=2, admission=admission
+    )
+    plain, ahead = Controller(cfg, _prompts(8)), Controller(cfg, _prompts(8))
+    first = plain.requests_to_submit(2)
+    more = ahead.requests_to_submit(2, ahead=4)
+    # The same first requests, then the next ones in the queue's order.
+    assert [r.request_id for r in more[:2]] == [r.request_id for r in first]
+    assert [(r.prompt_id, r.sample_index) for r in more] == [
+        ("p0", 0), ("p0", 1), ("p1", 0), ("p1", 1), ("p2", 0), ("p2", 1)
+    ]  # fmt: skip
+    # fill admits for the room ahead as for free slots; round admits its whole batch anyway.
+    admitted = 3 if admission == "fill" else 4
+    assert ahead.ledger.prompts_admitted == admitted
+    # Never past the rollout batch (4 prompts) however much room is ahead.
+    assert len(ahead.requests_to_submit(0, ahead=20)) == 2
+    assert ahead.ledger.prompts_admitted == 4
+
+
+@pytest.mark.parametrize("policy", ["sorted", "partial"])
+def test_an_engine_that_takes_requests_ahead_trains_every_prompt_once(policy):
+    """An engine that queues `submit_ahead` requests beyond its slots (as the replica pool's
+    backlogs): every prompt is trained or dropped once and the token counts balance."""
+    lengths = {f"p{i}": 5 + (7 * i) % 23 for i in range(12)}
+    cfg = SchedulerConfig(
+        policy=policy, group_size=2, rollout_batch=4, update_batch=2, max_new_tokens=40
+    )
+    engine = SteppingEngine(4, _by_prompt(lengths))
+    engine.submit_ahead = 3
+    peak = [0]
+    submit = engine.submit
+
+    def watch(requests):
+        submit(requests)
+        peak[0] = max(peak[0], engine.num_unfinished())
+
+    engine.submit = watch
+    trainer = UnitTrainer()
+    s = run(Controller(cfg, _prompts(12)), engine, trainer).summary
+    assert 4 < peak[0] <= 4 + 3  # it did hold requests beyond its slots, never more than 3
+    assert s["prompts_trained"] + s["prompts_dropped"] == 12 and s["prompts_in_flight"] == 0
+    assert s["tokens_generated"] == s["tokens_trained"] + s["tokens_wasted"]
+    trained = [g.prompt_id for b in trainer.batches for g in b.groups]
+    assert len(trained) == len(set(trained))

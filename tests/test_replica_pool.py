@@ -93,10 +93,13 @@ def _requests(n: int, max_new: list[int] | int, harness=None) -> list[Request]:
     return out
 
 
-def _fake_pool(delays: list[float], capacity: int = 2) -> ReplicaPool:
+def _fake_pool(delays: list[float], capacity: int = 2, backlog: int = 0) -> ReplicaPool:
     actor = ray.remote(SteppingReplica)
     return ReplicaPool(
-        lambda i: actor.options(num_cpus=0).remote(capacity, delays[i]), len(delays), 0
+        lambda i: actor.options(num_cpus=0).remote(capacity, delays[i]),
+        len(delays),
+        0,
+        backlog=backlog,
     )
 
 
@@ -218,6 +221,85 @@ def test_a_replica_killed_holding_finished_generations_loses_none_and_counts_non
         assert pool.stats["replica_restarts"] == 1
         assert pool.stats["replicas"][1]["requests_resubmitted"] == 2
         _assert_time_balances(pool, reports)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("call", ["pause", "abort"])
+def test_backlog_requests_come_back_unstarted_from_a_pause_or_an_abort(ray_local, call):
+    pool = _fake_pool([0.3, 0.3], backlog=2)
+    try:
+        assert pool.submit_ahead == 4 and pool.capacity == 4
+        # Each replica takes its 2 slots and 2 more: r0, r2 run on replica 0, r4, r6 wait in
+        # its backlog (r1, r3 and r5, r7 on replica 1).
+        pool.submit(_requests(8, 6))
+        pool.step()  # both replicas ended their first step
+        backlog = {"r4", "r5", "r6", "r7"}
+        if call == "pause":
+            back = pool.pause()
+            assert sorted(g.request_id for g in back) == [f"r{i}" for i in range(8)]
+            rest: list[str] = []
+        else:
+            back = pool.abort(["r0", "r5", "r6"])
+            assert sorted(g.request_id for g in back) == ["r0", "r5", "r6"]
+            rest = ["r1", "r2", "r3", "r4", "r7"]
+        assert all(g.finish_reason == "abort" for g in back)
+        assert all(g.n_tokens == 0 and not g.version_spans for g in back if g.request_id in backlog)
+        assert all(g.n_tokens > 0 for g in back if g.request_id not in backlog)
+        assert pool.num_unfinished() == len(rest)
+        gens = []
+        while pool.num_unfinished():
+            gens += pool.step().finished
+        assert sorted(g.request_id for g in gens) == rest  # the others finish, once each
+        assert all(g.finish_reason != "abort" for g in gens)
+    finally:
+        pool.close()
+
+
+def test_a_backlog_is_started_by_the_replica_and_a_kill_brings_every_request_back_once(
+    ray_local,
+):
+    import time
+
+    actor = ray.remote(LateDeliveryReplica)
+    pool = ReplicaPool(
+        lambda i: actor.options(num_cpus=0, max_concurrency=2).remote(2, 0.01, 60.0 * i),
+        2,
+        0,
+        backlog=2,
+    )
+    try:
+        pool.submit(_requests(8, 3))  # r1, r3, r5, r7 on replica 1, whose first poll is late
+        reports = [pool.step()]
+        slow = pool.actors()[1]
+        for _ in range(200):  # 2 slots, 4 requests: it starts its backlog without the driver
+            if ray.get(slow.undelivered.remote()) == 4:
+                break
+            time.sleep(0.05)
+        assert ray.get(slow.undelivered.remote()) == 4
+        ray.kill(slow)
+        while pool.num_unfinished():
+            reports.append(pool.step())
+        back = [g for r in reports for g in r.finished]
+        assert sorted(g.request_id for g in back) == [f"r{i}" for i in range(8)]  # once each
+        assert sum(r.tokens_generated for r in reports) == sum(g.n_tokens for g in back) == 24
+        assert pool.stats["replica_restarts"] == 1
+        assert pool.stats["replicas"][1]["requests_resubmitted"] == 4
+        _assert_time_balances(pool, reports)
+    finally:
+        pool.close()
+
+
+def test_requests_beyond_slots_and_backlogs_wait_in_the_pool_for_the_first_room(ray_local):
+    pool = _fake_pool([0.0, 0.0], backlog=1)
+    try:
+        pool.submit(_requests(9, 3))  # 2 x (2 slots + 1 backlog) routed, 3 wait in the pool
+        assert [len(r.held) for r in pool._reps] == [3, 3] and len(pool._waiting) == 3
+        gens = []
+        while pool.num_unfinished():
+            gens += pool.step().finished
+            assert all(len(r.held) <= 3 for r in pool._reps)
+        assert sorted(g.request_id for g in gens) == sorted(f"r{i}" for i in range(9))
     finally:
         pool.close()
 

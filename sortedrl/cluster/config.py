@@ -52,6 +52,13 @@ class ClusterConfig(BaseModel):
         description="the longest a working replica goes without reporting to the driver "
         "(a heartbeat with its busy time); what finishes is reported at once",
     )
+    replica_backlog: int = Field(
+        8,
+        ge=0,
+        description="requests each replica holds beyond its slots, already admitted by the "
+        "controller, and starts as its slots free up (a freed slot is refilled without a "
+        "round trip to the driver); 0: only as many as it has free slots",
+    )
     rank_cpus: float = Field(1.0, gt=0, description="CPUs reserved for each trainer rank")
     rank_gpus: float | None = Field(
         None, ge=0, description="GPUs for each trainer rank; empty: 1 on a GPU, 0 on the CPU"

@@ -2,9 +2,14 @@
 
 `ReplicaPool` keeps the controller unchanged: its capacity is the sum of the replicas'.
 
-Routing: submitted requests wait in the pool in submission order and go, as slots free up, to
-the replica with a free slot that is least loaded (unfinished requests relative to its
-capacity; the lower index on a tie). The simulated engine routes the same way (one queue, a
+Routing: submitted requests wait in the pool in submission order and go, as room frees up, to
+the replica with room that is least loaded (unfinished requests relative to its capacity; the
+lower index on a tie). A replica has room for its capacity plus `backlog` requests: the loop
+hands the pool up to `backlog` per replica beyond its free slots (`submit_ahead`, drawn from
+the prompts the controller already admitted), and a replica starts them itself as its slots
+free up, without waiting for the driver to hear of the completion and send a new request. A
+backlog request is held by the pool as any routed one: abort, pause and a restart return it
+as it was submitted (unstarted), once. The simulated engine routes the same way (one queue, a
 request starts on a free replica, the least loaded first); it also checks KV room, which a
 transformers replica does not have to.
 
@@ -113,6 +118,7 @@ class ReplicaPool(EngineBase):
         device: str = "cpu",
         report_s: float = 0.1,
         per_step: bool = False,
+        backlog: int = 0,
     ) -> None:
         import ray
 
@@ -122,11 +128,14 @@ class ReplicaPool(EngineBase):
             raise ValueError(f"weight_sync: {weight_sync!r} is not object_store or broadcast")
         if report_s <= 0:
             raise ValueError(f"report_s: must be > 0 seconds, got {report_s}")
+        if backlog < 0:
+            raise ValueError(f"backlog: must be >= 0 requests per replica, got {backlog}")
         self._ray = ray
         self._spawn, self.max_engine_failures = spawn, max_engine_failures
         self.weight_sync: WeightSync = weight_sync
         self.device = device
-        self.report_s, self.per_step = report_s, per_step
+        self.report_s, self.per_step, self.backlog = report_s, per_step, backlog
+        self.submit_ahead = backlog * n_replicas
         self._version = version
         self._weights_ref: Any = None  # the last weights loaded (a restarted replica loads them)
         actors = [spawn(i) for i in range(n_replicas)]
@@ -310,9 +319,10 @@ class ReplicaPool(EngineBase):
     # --- routing and stepping -----------------------------------------------------------------
 
     def _route(self) -> None:
-        """Hand waiting requests, in order, to the least-loaded replica with a free slot."""
+        """Hand waiting requests, in order, to the least-loaded replica with room (a free slot
+        or room in its backlog)."""
         while self._waiting:
-            free = [r for r in self._reps if len(r.held) < r.capacity]
+            free = [r for r in self._reps if len(r.held) < r.capacity + self.backlog]
             if not free:
                 return
             rep = min(free, key=lambda r: (r.load(), r.index))
@@ -616,4 +626,5 @@ def build_replica_pool(
         weight_sync="broadcast" if gpu and n > 1 else "object_store",
         device=cfg.model.device,
         report_s=cfg.cluster.replica_report_s,
+        backlog=cfg.cluster.replica_backlog,
     )

@@ -129,15 +129,18 @@ class Controller:
         return self._next_spec is None
 
     # --- admission and submission -------------------------------------------------------------
-    def requests_to_submit(self, free_slots: int) -> list[Request]:
-        """Admit prompts as the policy allows, then hand out up to `free_slots` requests."""
+    def requests_to_submit(self, free_slots: int, ahead: int = 0) -> list[Request]:
+        """Admit prompts as the policy allows, then hand out up to `free_slots` requests, plus
+        up to `ahead` more (an engine that holds them and starts them as its slots free up,
+        without a round trip to the driver: the policy may admit for them as for free slots,
+        since the engine could start them; sorted's rollout batch still bounds what is open)."""
         if self._rule is not None and self._rule.capacity is None:
             self._rule.set_capacity(free_slots + len(self._running))  # the engine's slots
         if self._in_update is None or not self.colocated:
-            spare = free_slots - self._n_queued
+            spare = free_slots + ahead - self._n_queued
             self._admit(self.policy.prompts_to_admit(self, spare))
         out: list[Request] = []
-        while self._queue and len(out) < free_slots:
+        while self._queue and len(out) < free_slots + ahead:
             _, _, ticket, seq = heapq.heappop(self._queue)
             if seq.ticket == ticket and seq.state is SeqState.QUEUED:
                 self._n_queued -= 1

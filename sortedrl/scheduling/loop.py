@@ -152,7 +152,8 @@ class _Loop:
 
     def _submit(self) -> None:
         free = self.engine.capacity - self.engine.num_unfinished()
-        requests = self.ctl.requests_to_submit(max(0, free))
+        ahead = min(self.engine.submit_ahead, self.engine.submit_ahead + free)
+        requests = self.ctl.requests_to_submit(max(0, free), max(0, ahead))
         if requests:
             self.engine.submit(requests)
 

@@ -141,6 +141,9 @@ class EngineBase:
     #: whether steps stay in flight between calls (the Ray replica pool): the loop then calls
     #: `settle` before every update decision
     steps_in_flight: bool = False
+    #: requests the engine takes beyond its free slots and starts as slots free up (the Ray
+    #: replica pool's backlogs: a slot is refilled without waiting for the driver)
+    submit_ahead: int = 0
     #: the engine's own counters, copied into summary.json's `engine_stats`
     stats: Mapping[str, Any] = MappingProxyType({})
 
