@@ -8,8 +8,6 @@ The contract itself is `tests/engine_contract.py`.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from tests.engine_contract import (
@@ -62,18 +60,7 @@ def _vllm() -> Harness:
         kv_cache_gib=0.02,
     )
 
-    def prompt(i: int) -> list[int]:
-        rng = random.Random(i)
-        return [1] + [rng.randrange(4, len(tok)) for _ in range(2 + i % 5)]
-
-    @torch.no_grad()
-    def forward_logprobs(prompt_ids: list[int], response: list[int]) -> list[float]:
-        ids = torch.tensor([prompt_ids + response])
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        lp = torch.log_softmax(logits, -1)
-        return lp[torch.arange(len(response)), torch.tensor(response)].tolist()
-
-    return Harness(engine, prompt, forward_logprobs)
+    return tiny_harness(engine, tok, model)
 
 
 FACTORIES = {"simulated": _simulated, "transformers": _transformers, "vllm": _vllm}
